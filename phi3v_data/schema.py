@@ -121,7 +121,9 @@ class Record(BaseModel):
             limit = int(info.context[CTX_MAX_IMAGES])
         count = sum(len(turn.images) for turn in self.conversations)
         if count > limit:
-            raise ValueError(f"conversations: {count} images in one record, more than the {limit} allowed")
+            raise ValueError(
+                f"conversations: {count} images in one record, more than the {limit} allowed"
+            )
         return self
 
     @property
@@ -158,7 +160,10 @@ class DatasetInfo(BaseModel):
         "the probability of the word of label 1 at the first answer position.",
     )
     num_crops: int | None = Field(
-        default=None, ge=1, le=16, description="Suggested num_crops for this data (e.g. 4 for video)."
+        default=None,
+        ge=1,
+        le=16,
+        description="Suggested num_crops for this data (e.g. 4 for video).",
     )
     converter: dict[str, Any] | None = Field(
         default=None, description="Name and options of the converter that wrote the dataset."

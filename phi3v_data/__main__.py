@@ -1,0 +1,3 @@
+from phi3v_data.cli import main
+
+main()

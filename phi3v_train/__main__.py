@@ -1,0 +1,3 @@
+from phi3v_train.cli import main
+
+main()
