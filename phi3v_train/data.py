@@ -1,0 +1,249 @@
+"""Records -> model inputs, exactly as the original recipe builds them.
+
+Training example (original_recipe.md §1.8, §4, §5): every turn is its *own* single-message chat
+``<|user|>\\n{content}<|end|>\\n<|assistant|>\\n`` run through the processor (so every turn starts
+with BOS and image tags restart at ``<|image_1|>``), followed by the answer
+``{assistant}<|end|>\\n<|endoftext|>`` tokenized without special tokens. Turns are concatenated;
+labels are -100 on every prompt position and the answer ids on the answer. ``content`` is
+``<|image_1|>...<|image_k|>\\n{user}`` for a turn with k images (tags without separators) and the
+bare user text for a text-only turn. Images of all turns are concatenated in order.
+
+Generation prompt: the earlier turns exactly as in training (prompt + answer) and the last turn's
+prompt, so that evaluation sees the same token layout the model was trained on.
+
+``--max_seq_len`` policy: a longer example is cut from the right when the cut keeps every image
+token and at least one supervised answer token; otherwise the example is skipped, and the trainer
+lists the skipped ids before training starts. An image run is never cut in half.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from phi3v_data.schema import Record, Turn
+
+IGNORE_INDEX = -100
+ANSWER_SUFFIX = "<|end|>\n<|endoftext|>"
+
+
+def image_tags(count: int) -> str:
+    """``<|image_1|>...<|image_k|>`` without separators, as the recipe writes them."""
+    return "".join(f"<|image_{k}|>" for k in range(1, count + 1))
+
+
+def turn_content(turn: Turn) -> str:
+    """The user message of one turn: image tags, a newline and the text (no tags when no image)."""
+    return f"{image_tags(len(turn.images))}\n{turn.user}" if turn.images else turn.user
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image fully and close its file (the processor converts it to RGB)."""
+    with Image.open(path) as image:
+        image.load()
+    return image
+
+
+def _turn_prompt(
+    turn: Turn, processor: Any, images_root: Path
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Prompt ids (1-D, image runs negative), pixel_values and image_sizes of one turn."""
+    chat = [{"role": "user", "content": turn_content(turn)}]
+    prompt = processor.tokenizer.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True
+    )
+    images = [load_image(images_root / path) for path in turn.images]
+    inputs = processor(prompt, images=images or None, return_tensors="pt")
+    input_ids = torch.as_tensor(inputs["input_ids"])[0].to(torch.long)
+    if not images:
+        return input_ids, None, None
+    return input_ids, inputs["pixel_values"], torch.as_tensor(inputs["image_sizes"])
+
+
+def _answer_ids(turn: Turn, tokenizer: Any) -> torch.Tensor:
+    ids = tokenizer(turn.assistant + ANSWER_SUFFIX, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _join_images(
+    pixel_values: list[torch.Tensor], image_sizes: list[torch.Tensor]
+) -> dict[str, torch.Tensor | None]:
+    if not pixel_values:
+        return {"pixel_values": None, "image_sizes": None}
+    return {"pixel_values": torch.cat(pixel_values), "image_sizes": torch.cat(image_sizes)}
+
+
+def encode_for_training(record: Record, processor: Any, images_root: Path) -> dict[str, Any]:
+    """``input_ids``, ``labels`` (1-D), ``pixel_values`` / ``image_sizes`` (None when text-only)."""
+    ids, labels, pixels, sizes = [], [], [], []
+    for turn in record.conversations:
+        prompt_ids, pixel_values, image_sizes = _turn_prompt(turn, processor, images_root)
+        answer_ids = _answer_ids(turn, processor.tokenizer)
+        ids += [prompt_ids, answer_ids]
+        labels += [torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids]
+        if pixel_values is not None:
+            pixels.append(pixel_values)
+            sizes.append(image_sizes)
+    return {"input_ids": torch.cat(ids), "labels": torch.cat(labels), **_join_images(pixels, sizes)}
+
+
+def encode_for_generation(record: Record, processor: Any, images_root: Path) -> dict[str, Any]:
+    """Earlier turns with their answers, then the last turn's prompt ending in ``<|assistant|>``."""
+    ids, pixels, sizes = [], [], []
+    turns = record.conversations
+    for index, turn in enumerate(turns):
+        prompt_ids, pixel_values, image_sizes = _turn_prompt(turn, processor, images_root)
+        ids.append(prompt_ids)
+        if index < len(turns) - 1:
+            ids.append(_answer_ids(turn, processor.tokenizer))
+        if pixel_values is not None:
+            pixels.append(pixel_values)
+            sizes.append(image_sizes)
+    return {"input_ids": torch.cat(ids), **_join_images(pixels, sizes)}
+
+
+def fit_to_length(example: dict[str, Any], max_seq_len: int) -> dict[str, Any] | None:
+    """Apply the ``--max_seq_len`` policy: cut from the right, or None when the example must go."""
+    length = example["input_ids"].numel()
+    if length <= max_seq_len:
+        return example
+    image_positions = (example["input_ids"] < 0).nonzero()
+    if image_positions.numel() and int(image_positions.max()) >= max_seq_len:
+        return None
+    labels = example["labels"][:max_seq_len]
+    if not bool((labels[1:] != IGNORE_INDEX).any()):
+        return None
+    return {**example, "input_ids": example["input_ids"][:max_seq_len], "labels": labels}
+
+
+def pad_sequences(sequences: Sequence[torch.Tensor], value: int, side: str) -> torch.Tensor:
+    """Stack 1-D tensors into [B, L], padding with ``value`` on the ``right`` or ``left``."""
+    length = max(seq.numel() for seq in sequences)
+    out = torch.full((len(sequences), length), value, dtype=sequences[0].dtype)
+    for row, seq in enumerate(sequences):
+        if side == "right":
+            out[row, : seq.numel()] = seq
+        else:
+            out[row, length - seq.numel() :] = seq
+    return out
+
+
+def _batch_images(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor | None]:
+    with_images = [ex for ex in examples if ex.get("pixel_values") is not None]
+    return _join_images(
+        [ex["pixel_values"] for ex in with_images], [ex["image_sizes"] for ex in with_images]
+    )
+
+
+def _attention_mask(lengths: list[int], width: int, side: str) -> torch.Tensor:
+    positions = torch.arange(width).unsqueeze(0)
+    lengths_t = torch.tensor(lengths).unsqueeze(1)
+    if side == "right":
+        return (positions < lengths_t).long()
+    return (positions >= width - lengths_t).long()
+
+
+@dataclass
+class TrainCollator:
+    """Right padding (pad id for ids, -100 for labels); images concatenated in sample order.
+
+    The attention mask comes from the true lengths, so the final ``<|endoftext|>`` of an answer
+    stays visible although it equals the pad id.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        input_ids = pad_sequences([ex["input_ids"] for ex in examples], self.pad_token_id, "right")
+        lengths = [ex["input_ids"].numel() for ex in examples]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": _attention_mask(lengths, input_ids.shape[1], "right"),
+            "labels": pad_sequences([ex["labels"] for ex in examples], IGNORE_INDEX, "right"),
+            **_batch_images(examples),
+        }
+
+
+@dataclass
+class GenerationCollator:
+    """Left padding for batched generation; keeps ``ids`` and ``references`` when present."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        input_ids = pad_sequences([ex["input_ids"] for ex in examples], self.pad_token_id, "left")
+        lengths = [ex["input_ids"].numel() for ex in examples]
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": _attention_mask(lengths, input_ids.shape[1], "left"),
+            **_batch_images(examples),
+        }
+        for key in ("id", "references"):
+            if all(key in ex for ex in examples):
+                batch[key] = [ex[key] for ex in examples]
+        return batch
+
+
+class TrainDataset(Dataset):
+    """Records encoded for training on access (images are decoded in the DataLoader workers)."""
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        processor: Any,
+        images_root: Path,
+        *,
+        max_seq_len: int | None = None,
+    ) -> None:
+        self.records = list(records)
+        self.processor = processor
+        self.images_root = Path(images_root)
+        self.max_seq_len = max_seq_len
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = encode_for_training(self.records[index], self.processor, self.images_root)
+        if self.max_seq_len is not None:
+            fitted = fit_to_length(example, self.max_seq_len)
+            if fitted is None:  # drop_overlong() removes these before training
+                raise ValueError(f"record {self.records[index].id}: longer than max_seq_len")
+            example = fitted
+        return example
+
+    def drop_overlong(self) -> list[str]:
+        """Remove the records ``--max_seq_len`` cannot keep; return their ids (in order)."""
+        if self.max_seq_len is None:
+            return []
+        kept, dropped = [], []
+        for record in self.records:
+            example = encode_for_training(record, self.processor, self.images_root)
+            (kept if fit_to_length(example, self.max_seq_len) is not None else dropped).append(
+                record
+            )
+        self.records = kept
+        return [record.id for record in dropped]
+
+
+class GenerationDataset(Dataset):
+    """Records encoded as generation prompts, with their ids and reference answers."""
+
+    def __init__(self, records: Sequence[Record], processor: Any, images_root: Path) -> None:
+        self.records = list(records)
+        self.processor = processor
+        self.images_root = Path(images_root)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        example = encode_for_generation(record, self.processor, self.images_root)
+        return {**example, "id": record.id, "references": record.references}
