@@ -1,0 +1,216 @@
+"""Reading a dataset directory: its splits, its ``dataset.json`` and its records, line by line.
+
+A dataset directory holds ``images/``, ``<name>_<split>.jsonl`` files and an optional
+``dataset.json``. The dataset name comes from ``dataset.json``'s ``name``; without one, from the
+folder name when every jsonl file starts with it; otherwise the ``_``-bounded prefix shared by
+the most files, preferring splits that start with a usual split word (``hm_dev_seen.jsonl`` and
+``hm_train.jsonl`` are splits ``dev_seen`` and ``train`` of ``hm``).
+
+Reading rules shared by the trainer and ``phi3v-data validate`` (one definition of "valid"):
+a UTF-8 byte order mark, an empty line and a line over :data:`MAX_LINE_BYTES` are defects;
+``\\r\\n`` line ends are accepted (JSON whitespace). :func:`iter_records` checks the schema only;
+image files are checked by :mod:`phi3v_data.validate`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from phi3v_data.messages import plain_errors
+from phi3v_data.schema import CTX_MAX_IMAGES, CTX_UNLABELED, DatasetInfo, Record
+
+IMAGES_DIRNAME = "images"
+INFO_FILENAME = "dataset.json"
+#: Longest line read; a longer one is reported and skipped without being held in memory.
+MAX_LINE_BYTES = 16 * 2**20
+UTF8_BOM = b"\xef\xbb\xbf"
+
+_SPLIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_USUAL_SPLIT = re.compile(r"^(train|val|valid|validation|dev|test|eval)", re.IGNORECASE)
+_JSON_LINE = re.compile(r"at line (\d+) column")
+
+
+class DatasetError(Exception):
+    """A defect at one place of a dataset; ``str()`` is ``path:line: field: message``.
+
+    ``line`` is 1-based; 0 means the file (or folder) as a whole.
+    """
+
+    def __init__(self, path: Path | str, line: int, field: str, message: str) -> None:
+        self.path, self.line, self.field, self.message = str(path), line, field, message
+        super().__init__(f"{self.path}:{line}: {field}: {message}")
+
+
+@dataclass
+class SplitFiles:
+    """The jsonl files of a dataset directory, sorted into splits."""
+
+    name: str | None
+    splits: dict[str, Path] = field(default_factory=dict)
+    #: jsonl files whose name is not ``<name>_<split>.jsonl``
+    misnamed: list[Path] = field(default_factory=list)
+
+
+def _dataset_name(data_dir: Path, stems: list[str], info: DatasetInfo) -> str | None:
+    if info.name:
+        return info.name
+    if not stems:
+        return None
+    if all(stem.startswith(data_dir.name + "_") for stem in stems):
+        return data_dir.name
+    candidates = {stem[:i] for stem in stems for i, char in enumerate(stem) if char == "_" and i}
+
+    def rank(name: str) -> tuple[int, int, int]:
+        rests = [stem[len(name) + 1 :] for stem in stems if stem.startswith(name + "_")]
+        usual = sum(bool(_USUAL_SPLIT.match(rest)) for rest in rests)
+        return len(rests), usual, -len(name)
+
+    return max(sorted(candidates), key=rank) if candidates else None
+
+
+def scan_splits(data_dir: Path, info: DatasetInfo | None = None) -> SplitFiles:
+    """Sort the ``*.jsonl`` files of ``data_dir`` into splits; misnamed files are listed apart."""
+    info = info if info is not None else load_info(data_dir)
+    files = sorted(path for path in data_dir.glob("*.jsonl") if path.is_file())
+    name = _dataset_name(data_dir, [path.stem for path in files], info)
+    found = SplitFiles(name=name)
+    for path in files:
+        split = path.stem[len(name) + 1 :] if name and path.stem.startswith(name + "_") else ""
+        if _SPLIT.match(split):
+            found.splits[split] = path
+        else:
+            found.misnamed.append(path)
+    return found
+
+
+def find_splits(data_dir: Path) -> dict[str, Path]:
+    """``split -> <name>_<split>.jsonl`` of a dataset directory; raises on a misnamed file."""
+    found = scan_splits(Path(data_dir))
+    if found.misnamed:
+        raise DatasetError(found.misnamed[0], 0, "(file name)", misnamed_message(found.name))
+    return found.splits
+
+
+def misnamed_message(name: str | None) -> str:
+    expected = f"{name}_<split>.jsonl" if name else "<name>_<split>.jsonl"
+    return f"file name does not match {expected} (set 'name' in {INFO_FILENAME} if in doubt)"
+
+
+def split_of(path: Path, info: DatasetInfo | None = None) -> str | None:
+    """The split a jsonl file holds, or None when its name does not say."""
+    path = Path(path)
+    found = scan_splits(path.parent, info)
+    return next((split for split, file in found.splits.items() if file.name == path.name), None)
+
+
+def images_root(data_dir: Path) -> Path:
+    """The folder every image path of the dataset is relative to."""
+    return Path(data_dir) / IMAGES_DIRNAME
+
+
+def read_info(data_dir: Path) -> tuple[DatasetInfo, list[DatasetError]]:
+    """``dataset.json`` (defaults when absent) and its defects (defaults are returned with them)."""
+    path = Path(data_dir) / INFO_FILENAME
+    if not path.exists():
+        return DatasetInfo(), []
+    raw = path.read_bytes()
+    try:
+        return DatasetInfo.model_validate_json(raw), []
+    except ValidationError as exc:
+        errors = []
+        for field_name, message in plain_errors(exc):
+            errors.append(
+                DatasetError(path, _line_of(raw, field_name, message), field_name, message)
+            )
+        return DatasetInfo(), errors
+
+
+def _line_of(raw: bytes, field_name: str, message: str) -> int:
+    """Best guess of the line of a defect in a JSON document (for ``dataset.json``)."""
+    match = _JSON_LINE.search(message)
+    if match:
+        return int(match.group(1))
+    key = f'"{field_name.split(".")[0]}"'.encode()
+    for number, line in enumerate(raw.splitlines(), 1):
+        if key in line:
+            return number
+    return 1
+
+
+def load_info(data_dir: Path) -> DatasetInfo:
+    """``dataset.json`` of a dataset directory (defaults when absent); raises on a defect."""
+    info, errors = read_info(data_dir)
+    if errors:
+        raise errors[0]
+    return info
+
+
+def record_context(info: DatasetInfo, split: str | None, max_images: int | None = None) -> dict:
+    """The validation context of :class:`Record` for one split of a dataset."""
+    limit = max_images if max_images is not None else info.max_images_per_record
+    return {CTX_MAX_IMAGES: limit, CTX_UNLABELED: split in info.unlabeled_splits}
+
+
+def read_lines(
+    path: Path, *, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[tuple[int, bytes | None, tuple[str, str] | None]]:
+    """``(line number, bytes, None)`` per line, or ``(line number, None, (field, message))``.
+
+    Memory stays bounded by ``max_line_bytes`` whatever the file holds. A BOM on line 1 is reported
+    and the rest of the line is still yielded, so that line number may come twice.
+    """
+    with Path(path).open("rb") as stream:
+        number = 0
+        while raw := stream.readline(max_line_bytes + 1):
+            number += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):
+                    raw = stream.readline(2**20)
+                yield number, None, ("(line)", f"line longer than {max_line_bytes} bytes; skipped")
+                continue
+            if number == 1 and raw.startswith(UTF8_BOM):
+                raw = raw[len(UTF8_BOM) :]
+                yield number, None, ("(encoding)", "UTF-8 byte order mark; save without BOM")
+            if raw.isspace() or not raw:
+                yield number, None, ("(line)", "empty line; JSON Lines allows none")
+                continue
+            yield number, raw.rstrip(b"\r\n"), None
+
+
+def iter_records(
+    path: Path, *, info: DatasetInfo | None = None, split: str | None = None
+) -> Iterator[tuple[int, Record]]:
+    """``(1-based line number, Record)`` for every line of a jsonl file, schema-checked.
+
+    ``info`` defaults to the ``dataset.json`` beside the file, ``split`` to the one its name says
+    (which decides whether empty answers are allowed). Raises :class:`DatasetError` at the first
+    bad line; image files are not opened.
+    """
+    path = Path(path)
+    info = info if info is not None else load_info(path.parent)
+    split = split if split is not None else split_of(path, info)
+    context = record_context(info, split)
+    for number, data, problem in read_lines(path):
+        if problem is not None:
+            raise DatasetError(path, number, *problem)
+        try:
+            record = Record.model_validate_json(data, context=context)
+        except ValidationError as exc:
+            raise DatasetError(path, number, *plain_errors(exc)[0]) from None
+        yield number, record
+
+
+def read_split(data_dir: Path, split: str) -> list[Record]:
+    """Every record of one split of a dataset directory (schema-checked)."""
+    data_dir = Path(data_dir)
+    info = load_info(data_dir)
+    splits = find_splits(data_dir)
+    if split not in splits:
+        known = ", ".join(sorted(splits)) or "none"
+        raise DatasetError(data_dir, 0, "(split)", f"no split {split!r} (found: {known})")
+    return [record for _, record in iter_records(splits[split], info=info, split=split)]
