@@ -61,6 +61,8 @@ def export_image(data: bytes) -> ExportedImage:
             return ExportedImage(buffer.getvalue(), ".png", width, height)
     except UnusableImage:
         raise
+    except Image.UnidentifiedImageError:
+        raise UnusableImage("not an image (no known image format)") from None
     except Image.DecompressionBombError as error:
         raise UnusableImage(f"decompression bomb: {error}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:

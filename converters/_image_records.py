@@ -53,6 +53,35 @@ class RecordGroup:
     records: tuple[dict[str, Any], ...]
 
 
+class RecordGroups:
+    """Records grouped by split and image key, in order of first appearance; ids kept unique."""
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple[str, str], tuple[tuple[tuple[str, Any], ...], list[dict]]] = {}
+        self._ids: set[str] = set()
+
+    def add(
+        self,
+        split: str,
+        key: str,
+        images: tuple[tuple[str, Any], ...],
+        record: dict[str, Any],
+    ) -> str | None:
+        """Add ``record`` to the group of (split, key); returns a reason if its id is taken."""
+        if record["id"] in self._ids:
+            return f"id: duplicate {record['id']}"
+        self._ids.add(record["id"])
+        self._groups.setdefault((split, key), (images, []))[1].append(record)
+        return None
+
+    def items(self) -> list[Item]:
+        """One :class:`~phi3v_data.convert.Item` per group, keyed ``<split>/<key>``."""
+        return [
+            Item(split, f"{split}/{key}", RecordGroup(images, tuple(records)))
+            for (split, key), (images, records) in self._groups.items()
+        ]
+
+
 class ImageRecordsConverter(Converter):
     """Base class: ``convert`` writes a :class:`RecordGroup`'s images and returns its records."""
 

@@ -32,10 +32,16 @@ from typing import Any, Literal
 
 import click
 
-from phi3v_data.convert import Item, Plan, Skipped, SourceError
+from phi3v_data.convert import Plan, Skipped, SourceError
 
 from ._image_files import UnusableImage
-from ._image_records import ImageFile, ImageRecordsConverter, RecordGroup, make_record, path_option
+from ._image_records import (
+    ImageFile,
+    ImageRecordsConverter,
+    RecordGroups,
+    make_record,
+    path_option,
+)
 from ._raw_tables import RawRow, document_rows, read_json_document, text_field
 
 NAME = "docvqa"
@@ -296,32 +302,6 @@ class ParquetImage:
 # --------------------------------------------------------------------------- the converter
 
 
-class _Pages:
-    """Records grouped by split and page, in order of first appearance."""
-
-    def __init__(self) -> None:
-        self.groups: dict[tuple[str, str], tuple[Any, list[dict[str, Any]]]] = {}
-        self.ids: set[str] = set()
-
-    def add(self, split: str, name: str, source: Any, record: dict[str, Any]) -> str | None:
-        """Add a record; returns a reason when its id was already used."""
-        if record["id"] in self.ids:
-            return f"questionId: duplicate {record['meta']['questionId']} in split {split}"
-        self.ids.add(record["id"])
-        self.groups.setdefault((split, name), (source, []))[1].append(record)
-        return None
-
-    def items(self) -> list[Item]:
-        return [
-            Item(
-                split,
-                f"{split}/{name}",
-                RecordGroup(((f"{split}/{name}", source),), tuple(records)),
-            )
-            for (split, name), (source, records) in self.groups.items()
-        ]
-
-
 class DocVQAConverter(ImageRecordsConverter):
     name = NAME
     help = (
@@ -346,7 +326,7 @@ class DocVQAConverter(ImageRecordsConverter):
 
     def plan(self, src: Path, options: Mapping[str, Any]) -> Plan:
         images_dir = path_option(options, "images_dir")
-        pages = _Pages()
+        pages = RecordGroups()
         skipped: list[Skipped] = []
         unlabeled: list[str] = []
         for files in find_split_files(src, options.get("input_format") or "auto"):
@@ -378,7 +358,7 @@ def _plan_question(
     labeled: bool,
     finder: RrcImageFinder | None,
     parquet_position: tuple[int | None, int | None],
-    pages: _Pages,
+    pages: RecordGroups,
 ) -> str | None:
     """Add one question to its page; returns why it is skipped instead, if it is."""
     record = build_record(row, split, labeled)
@@ -396,7 +376,7 @@ def _plan_question(
         if isinstance(found, str):
             return found
         source = ImageFile(str(found))
-    return pages.add(split, name, source, record)
+    return pages.add(split, name, ((f"{split}/{name}", source),), record)
 
 
 def _first_line(error: Exception) -> str:
