@@ -6,18 +6,22 @@ or non-image files. :func:`export_image` decodes the bytes once, fully, and retu
 - a single-frame PNG or JPEG in a mode every tool converts to RGB is kept **byte for byte**, under
   the extension of its real format (``.png`` / ``.jpg``);
 - anything else that decodes (GIF, WebP, BMP, animated files, CMYK or 16-bit images) is re-encoded
-  as an RGB PNG of its first frame, which is deterministic for a given Pillow version;
-- anything that does not decode, or is larger than Pillow's decompression-bomb limit, raises
-  :class:`UnusableImage` with a one-line reason for ``convert_report.json``.
+  as a PNG of its first frame, in RGB (16/32-bit grey is scaled to 8 bits, not clipped), which is
+  deterministic for a given Pillow version; so every written image passes ``phi3v-data validate``
+  (which rejects animated and 16-bit files, see ``phi3v_data.images``);
+- anything that does not decode, or has more pixels than the validator accepts (decompression
+  bomb), raises :class:`UnusableImage` with a one-line reason for ``convert_report.json``.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from pathlib import Path
 
+import numpy as np
 from PIL import Image
+
+from phi3v_data.images import MAX_IMAGE_PIXELS, WIDE_MODES
 
 #: Formats whose bytes are kept as they are, with the extension written for them.
 KEPT_FORMATS = {"PNG": ".png", "JPEG": ".jpg"}
@@ -46,10 +50,9 @@ def export_image(data: bytes) -> ExportedImage:
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            if width * height > Image.MAX_IMAGE_PIXELS:
+            if width * height > MAX_IMAGE_PIXELS:
                 raise UnusableImage(
-                    f"{width}x{height} pixels is over the decompression-bomb limit "
-                    f"of {Image.MAX_IMAGE_PIXELS}"
+                    f"decompression bomb: {width}x{height} pixels, more than {MAX_IMAGE_PIXELS:,}"
                 )
             image_format = image.format or "unknown"
             frames = getattr(image, "n_frames", 1)
@@ -57,7 +60,7 @@ def export_image(data: bytes) -> ExportedImage:
             if image_format in KEPT_FORMATS and frames == 1 and image.mode in KEPT_MODES:
                 return ExportedImage(data, KEPT_FORMATS[image_format], width, height)
             buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, format="PNG")
+            _to_rgb(image).save(buffer, format="PNG")
             return ExportedImage(buffer.getvalue(), ".png", width, height)
     except UnusableImage:
         raise
@@ -70,9 +73,12 @@ def export_image(data: bytes) -> ExportedImage:
         raise UnusableImage(f"not a decodable image ({reason})") from None
 
 
-def first_existing(candidates: list[Path]) -> Path | None:
-    """The first candidate that is a file, or None."""
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    return None
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """The (first frame of the) image in RGB; wide grey modes are scaled down to 8 bits."""
+    if image.mode in WIDE_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode != "F":
+            values = values / 256.0  # 16-bit range (also what PNG's 16-bit grey opens as "I")
+        grey = np.clip(values, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return image.convert("RGB")
