@@ -79,7 +79,8 @@ import click
 import orjson
 from pydantic import ValidationError
 
-from phi3v_data.schema import CTX_MAX_IMAGES, CTX_UNLABELED, DatasetInfo, Record
+from phi3v_data.dataset import IMAGES_DIRNAME, INFO_FILENAME, record_context
+from phi3v_data.schema import DatasetInfo, Record
 
 ENTRY_POINT_GROUP = "phi3v.converters"
 BUILTIN_PACKAGE = "phi3v_data.builtin_converters"
@@ -88,8 +89,6 @@ MANIFEST_FILENAME = "manifest.json"
 JOURNAL_FILENAME = "journal.jsonl"
 PARTIAL_DIRNAME = "partial"
 REPORT_FILENAME = "convert_report.json"
-IMAGES_DIRNAME = "images"
-INFO_FILENAME = "dataset.json"
 #: JPEG quality of every frame or image a converter re-encodes (fixed: part of the output bytes).
 JPEG_QUALITY = 95
 _UMASK = os.umask(0)
@@ -353,10 +352,7 @@ def _run_item(task: tuple[int, Item]) -> _Outcome:
     outcome = _Outcome(index, item.key)
     try:
         raw_records = converter.convert(item, images)
-        context = {
-            CTX_UNLABELED: item.split in info.unlabeled_splits,
-            CTX_MAX_IMAGES: info.max_images_per_record,
-        }
+        context = record_context(info, item.split)
         records = []
         for raw in raw_records:
             record = Record.model_validate(raw, context=context)
