@@ -157,29 +157,55 @@ def record_context(info: DatasetInfo, split: str | None, max_images: int | None 
 
 
 def read_lines(
-    path: Path, *, max_line_bytes: int = MAX_LINE_BYTES
+    path: Path, *, start: int = 0, stop: int | None = None, max_line_bytes: int = MAX_LINE_BYTES
 ) -> Iterator[tuple[int, bytes | None, tuple[str, str] | None]]:
     """``(line number, bytes, None)`` per line, or ``(line number, None, (field, message))``.
 
-    Memory stays bounded by ``max_line_bytes`` whatever the file holds. A BOM on line 1 is reported
-    and the rest of the line is still yielded, so that line number may come twice.
+    Reads bytes ``start:stop`` (bounds from :func:`line_chunks`; line numbers count from 1 at
+    ``start``). Memory stays bounded by ``max_line_bytes`` whatever the file holds. A BOM on the
+    file's first line is reported and the rest of the line is still yielded, so that line number
+    may come twice.
     """
     with Path(path).open("rb") as stream:
+        stream.seek(start)
+        left = stop - start if stop is not None else float("inf")
         number = 0
-        while raw := stream.readline(max_line_bytes + 1):
+        while left > 0 and (raw := stream.readline(int(min(max_line_bytes + 1, left)))):
             number += 1
+            left -= len(raw)
             if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
                 while raw and not raw.endswith(b"\n"):
                     raw = stream.readline(2**20)
+                    left -= len(raw)
                 yield number, None, ("(line)", f"line longer than {max_line_bytes} bytes; skipped")
                 continue
-            if number == 1 and raw.startswith(UTF8_BOM):
+            if number == 1 and start == 0 and raw.startswith(UTF8_BOM):
                 raw = raw[len(UTF8_BOM) :]
                 yield number, None, ("(encoding)", "UTF-8 byte order mark; save without BOM")
             if raw.isspace() or not raw:
                 yield number, None, ("(line)", "empty line; JSON Lines allows none")
                 continue
             yield number, raw.rstrip(b"\r\n"), None
+
+
+def line_chunks(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` byte ranges of about ``chunk_bytes`` that cover a file, cut after a newline."""
+    size = Path(path).stat().st_size
+    bounds = [0]
+    with Path(path).open("rb") as stream:
+        while bounds[-1] + chunk_bytes < size:
+            stream.seek(bounds[-1] + chunk_bytes)
+            cut = size
+            while block := stream.read(2**16):
+                newline = block.find(b"\n")
+                if newline >= 0:
+                    cut = stream.tell() - len(block) + newline + 1
+                    break
+            if cut >= size:
+                break
+            bounds.append(cut)
+    bounds.append(size)
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def iter_records(

@@ -42,6 +42,10 @@ WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 JPEG_TAIL_BYTES = 64
 
 
+#: How much of an image file is checked: nothing but its path, its header, or a full decode.
+CONTENT_CHECKS = ("none", "header", "deep")
+
+
 @dataclass(frozen=True, slots=True)
 class ImageFacts:
     """What the header says about one image file."""
@@ -137,6 +141,19 @@ def _facts_problem(facts: ImageFacts) -> str | None:
     return None
 
 
+def check_image_path(
+    root: Path, relative: str, content: str = "header"
+) -> tuple[ImageFacts | None, str | None]:
+    """Path rules, then (``content`` ``"header"`` or ``"deep"``) content rules of one image.
+
+    ``root`` must already be resolved; ``content="none"`` checks the path only.
+    """
+    resolved, problem = resolve_inside(root, relative)
+    if resolved is None or content == "none":
+        return None, problem
+    return inspect_image(resolved, deep=content == "deep")
+
+
 class ImageChecker:
     """Checks image paths of one dataset, once per distinct path.
 
@@ -144,7 +161,7 @@ class ImageChecker:
     """
 
     def __init__(self, root: Path, *, content: str = "header") -> None:
-        if content not in {"none", "header", "deep"}:
+        if content not in CONTENT_CHECKS:
             raise ValueError(f"content must be none, header or deep, got {content!r}")
         self.root = Path(os.path.realpath(root))
         self.content = content
@@ -158,11 +175,13 @@ class ImageChecker:
             return self.verdicts[relative]
         except KeyError:
             pass
-        resolved, problem = resolve_inside(self.root, relative)
-        if resolved is not None and self.content != "none":
-            facts, problem = inspect_image(resolved, deep=self.content == "deep")
-            if facts is not None:
-                self.formats[facts.format] += 1
-                self.modes[facts.mode] += 1
-        self.verdicts[relative] = problem
+        facts, problem = check_image_path(self.root, relative, self.content)
+        self.record(relative, facts, problem)
         return problem
+
+    def record(self, relative: str, facts: ImageFacts | None, problem: str | None) -> None:
+        """Store the verdict on one path (checked here or by a worker process)."""
+        if facts is not None:
+            self.formats[facts.format] += 1
+            self.modes[facts.mode] += 1
+        self.verdicts[relative] = problem

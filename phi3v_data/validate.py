@@ -7,45 +7,48 @@ between a train split and another split (same id, or same image list), empty spl
 files, ``dataset.json`` and a missing ``images/`` folder. Each problem is one line
 ``path:line: field: message`` (line 0: the file or folder as a whole).
 
-Memory is flat but for 20 bytes per record: ids and image lists are kept as 8-byte blake2b
-digests (a false "duplicate" needs a 64-bit collision), plus the 4-byte line number.
+Large files are cut into chunks checked by worker processes (:mod:`phi3v_data.record_scan`);
+image files are checked once per distinct path, and a bad one is reported at the first record
+that names it. Memory is flat but for 20 bytes per record: ids and image lists are kept as 8-byte
+blake2b digests (a false "duplicate" needs a 64-bit collision), plus the 4-byte line number.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import sys
 from array import array
 from bisect import bisect_right
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from hashlib import blake2b
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
-from pydantic import ValidationError
 
 from phi3v_data.dataset import (
     INFO_FILENAME,
     DatasetError,
     images_root,
+    line_chunks,
     misnamed_message,
     read_info,
-    read_lines,
     record_context,
     scan_splits,
 )
-from phi3v_data.images import ImageChecker
-from phi3v_data.messages import plain_errors
-from phi3v_data.schema import DatasetInfo, Record
+from phi3v_data.images import ImageChecker, check_image_path
+from phi3v_data.record_scan import ChunkScan, prune_answers, scan_chunk
+from phi3v_data.schema import DatasetInfo
 
 #: Problems listed per file; the rest are counted as suppressed.
 DEFAULT_MAX_PROBLEMS_PER_FILE = 1000
-#: Distinct answers counted exactly; beyond, the counter keeps its most common ones (approximate).
-ANSWER_COUNTER_LIMIT = 50_000
-_UNSEEN = object()
+#: Bytes of jsonl per unit of work of a worker process.
+CHUNK_BYTES = 8 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,12 +121,6 @@ class Summary:
     labels: Counter[int] = field(default_factory=Counter)
     image_formats: Counter[str] = field(default_factory=Counter)
     image_modes: Counter[str] = field(default_factory=Counter)
-
-    def count_answer(self, answer: str) -> None:
-        self.answers[answer] += 1
-        if len(self.answers) > ANSWER_COUNTER_LIMIT:
-            self.answers = Counter(dict(self.answers.most_common(ANSWER_COUNTER_LIMIT // 10)))
-            self.answers_exact = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -212,132 +209,115 @@ class _Validation:
         content: str,
         max_images: int | None,
         max_problems_per_file: int,
+        jobs: int,
         progress: bool,
     ) -> None:
         self.info = info
         self.max_images = max_images
         self.max_problems = max_problems_per_file
+        self.jobs = jobs
         self.progress = progress
         self.problems: list[Problem] = []
         self.suppressed = 0
         self.per_file: Counter[str] = Counter()
         root = images_root(data_dir)
         self.checker = ImageChecker(root, content=content) if root.is_dir() else None
-        #: image path -> [index of its problem in self.problems or -1, further references]
-        self.image_problems: dict[str, list[int]] = {}
+        #: image path -> (file, line, field) of the first record naming it
+        self.first_reference: dict[str, tuple[str, int, str]] = {}
         self.id_digests = bytearray()
         self.image_digests = bytearray()
         self.lines = array("I")
         #: per file: (index of its first record, path, split)
         self.files: list[tuple[int, str, str | None]] = []
+        self._pool: ProcessPoolExecutor | None = None
+        self._bar = None
 
-    def add(self, path: str, line: int, field_name: str, message: str) -> int:
-        """Record one problem; returns its index, or -1 when the file's budget is spent."""
+    def pool(self) -> ProcessPoolExecutor | None:
+        """Worker processes (created on first use), or None when running in one process."""
+        if self._pool is None and self.jobs > 1:
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            self._pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=context)
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+        if self._bar is not None:
+            self._bar.close()
+
+    def add(self, path: str, line: int, field_name: str, message: str) -> None:
+        """Record one problem, or count it as suppressed once the file's budget is spent."""
         self.per_file[path] += 1
         if self.per_file[path] > self.max_problems:
             self.suppressed += 1
-            return -1
-        self.problems.append(Problem(path, line, field_name, message))
-        return len(self.problems) - 1
+        else:
+            self.problems.append(Problem(path, line, field_name, message))
 
     def scan_file(self, path: Path, split: str | None, summary: Summary) -> None:
-        """Validate every line of one jsonl file, adding to ``summary``."""
+        """Validate every line of one jsonl file (in chunks, in parallel), adding to ``summary``."""
         name = str(path)
         self.files.append((len(self.lines), name, split))
         split_summary = SplitSummary(split=split, path=name)
         summary.splits.append(split_summary)
         context = record_context(self.info, split, self.max_images)
-        validate_json = Record.model_validate_json
-        verdicts = self.checker.verdicts if self.checker else {}
-        check = self.checker.check if self.checker else None
-        id_digests, image_digests, lines = self.id_digests, self.image_digests, self.lines
-        no_images = bytes(8)
-        count_answer, labels = summary.count_answer, summary.labels
-        records = turns = images = 0
-        per_record = [0, 0, 1 << 62, 0]  # count, total, min, max
-        user = [0, 0, 1 << 62, 0]
-        assistant = [0, 0, 1 << 62, 0]
-        bar = _progress_bar(path) if self.progress else None
-        read = 0
-        for number, data, problem in read_lines(path):
-            if problem is not None:
-                self.add(name, number, *problem)
-                continue
-            split_summary.lines += 1
-            if bar is not None:
-                read += len(data)
-                if split_summary.lines % 4096 == 0:
-                    bar.update(read - bar.n)
-            try:
-                record = validate_json(data, context=context)
-            except ValidationError as exc:
-                for field_name, message in plain_errors(exc):
-                    self.add(name, number, field_name, message)
-                continue
-            records += 1
-            lines.append(number)
-            id_digests += blake2b(record.id.encode(), digest_size=8).digest()
-            conversation = record.conversations
-            turns += len(conversation)
-            record_images = 0
-            for turn_index, turn in enumerate(conversation):
-                for stats, text in ((user, turn.user), (assistant, turn.assistant)):
-                    size = len(text)
-                    stats[1] += size
-                    if size < stats[2]:
-                        stats[2] = size
-                    if size > stats[3]:
-                        stats[3] = size
-                for image_index, relative in enumerate(turn.images):
-                    verdict = verdicts.get(relative, _UNSEEN)
-                    if verdict is _UNSEEN and check is not None:
-                        verdict = check(relative)
-                    if verdict is not None and verdict is not _UNSEEN:
-                        where = f"conversations.{turn_index}.images.{image_index}"
-                        self._image_problem(name, number, where, relative, verdict)
-                record_images += len(turn.images)
-            user[0] += len(conversation)
-            assistant[0] += len(conversation)
-            per_record[0] += 1
-            per_record[1] += record_images
-            per_record[2] = min(per_record[2], record_images)
-            per_record[3] = max(per_record[3], record_images)
-            images += record_images
-            if record_images:
-                key = "\x00".join(record.images).encode()
-                image_digests += blake2b(key, digest_size=8).digest()
-            else:
-                image_digests += no_images
-            count_answer(conversation[-1].assistant.strip())
-            if record.label is not None:
-                labels[record.label] += 1
-        if bar is not None:
-            bar.update(read - bar.n)
-            bar.close()
-        if split_summary.lines == 0 and not self.per_file[name]:
+        chunks = line_chunks(path, CHUNK_BYTES)
+        starts, stops = [start for start, _ in chunks], [stop for _, stop in chunks]
+        arguments = (repeat(path), starts, stops, repeat(context), repeat(self.max_problems))
+        pool = self.pool() if len(chunks) > 1 else None
+        scans = pool.map(scan_chunk, *arguments) if pool else map(scan_chunk, *arguments)
+        offset = 0
+        for scan, start, stop in zip(scans, starts, stops, strict=True):
+            self._merge(name, offset, scan, split_summary, summary)
+            offset += scan.lines
+            if self._bar is not None:
+                self._bar.update(stop - start)
+        if offset == 0:
             self.add(name, 0, "(file)", "the split is empty (no records)")
-        split_summary.records = records
-        summary.records += records
-        summary.turns += turns
-        summary.images += images
-        summary.images_per_record.merge(*per_record)
-        summary.user_chars.merge(*user)
-        summary.assistant_chars.merge(*assistant)
 
-    def _image_problem(self, path: str, line: int, where: str, relative: str, verdict: str) -> None:
-        seen = self.image_problems.get(relative)
-        if seen is None:
-            self.image_problems[relative] = [self.add(path, line, where, verdict), 0]
-        else:
-            seen[1] += 1
+    def _merge(
+        self, name: str, offset: int, scan: ChunkScan, split: SplitSummary, summary: Summary
+    ) -> None:
+        for line, field_name, message in scan.problems:
+            self.add(name, offset + line, field_name, message)
+        unlisted = scan.problem_count - len(scan.problems)
+        self.per_file[name] += unlisted
+        self.suppressed += unlisted
+        lines = np.frombuffer(scan.record_lines, dtype=np.uint32) + np.uint32(offset)
+        self.lines.frombytes(lines.astype(np.uint32).tobytes())
+        self.id_digests += scan.id_digests
+        self.image_digests += scan.image_digests
+        for relative, line, where in scan.first_references:
+            if relative not in self.first_reference:
+                self.first_reference[relative] = (name, offset + line, where)
+        split.lines += scan.lines
+        split.records += scan.records
+        summary.records += scan.records
+        summary.turns += scan.turns
+        summary.images += scan.images
+        summary.images_per_record.merge(*scan.images_per_record)
+        summary.user_chars.merge(*scan.user_chars)
+        summary.assistant_chars.merge(*scan.assistant_chars)
+        summary.answers.update(scan.answers)
+        pruned = prune_answers(summary.answers)
+        summary.answers_exact &= scan.answers_exact and pruned is summary.answers
+        summary.answers = pruned
+        summary.labels.update(scan.labels)
 
-    def finish_image_problems(self) -> None:
-        """Say how often each bad image is referenced beyond the line that reports it."""
-        for index, more in self.image_problems.values():
-            if index >= 0 and more:
-                problem = self.problems[index]
-                message = f"{problem.message} (and {more:,} more references)"
-                self.problems[index] = Problem(problem.path, problem.line, problem.field, message)
+    def check_images(self) -> None:
+        """Check each distinct image path once; a bad one is reported at its first reference."""
+        if self.checker is None:
+            return
+        paths = list(self.first_reference)
+        arguments = (repeat(self.checker.root), paths, repeat(self.checker.content))
+        pool = self.pool() if len(paths) > 256 else None
+        verdicts = pool.map(check_image_path, *arguments, chunksize=64) if pool else None
+        for relative, (facts, problem) in zip(
+            paths, verdicts or map(check_image_path, *arguments), strict=True
+        ):
+            self.checker.record(relative, facts, problem)
+            if problem is not None:
+                self.add(*self.first_reference[relative], problem)
 
     def sort_problems(self) -> None:
         """Problems in file order (the order files were read), then by line."""
@@ -369,10 +349,10 @@ class _Validation:
         is_train = np.zeros(len(digests), dtype=bool)
         bounds = [start for start, _, _ in self.files] + [len(digests)]
         for (start, _, split), end in zip(self.files, bounds[1:], strict=True):
-            is_train[start:end] = bool(split and split.lower().startswith("train"))
+            is_train[start:end] = _is_train(split)
         has_images = digests != 0
         train = digests[is_train & has_images]
-        if not len(train) or is_train[has_images].all():
+        if not len(train):
             return
         leaks = np.nonzero(~is_train & has_images & np.isin(digests, train))[0]
         if not len(leaks):
@@ -389,8 +369,12 @@ class _Validation:
             self.add(path, line, "images", message)
 
 
+def _is_train(split: str | None) -> bool:
+    return bool(split and split.lower().startswith("train"))
+
+
 def _train_first(item: tuple[str, Path]) -> tuple[bool, str]:
-    return not item[0].lower().startswith("train"), item[0]
+    return not _is_train(item[0]), item[0]
 
 
 def _repeats(digests: np.ndarray) -> list[tuple[int, int]]:
@@ -406,17 +390,11 @@ def _repeats(digests: np.ndarray) -> list[tuple[int, int]]:
     return sorted(pairs, key=lambda pair: pair[1])
 
 
-def _progress_bar(path: Path):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=path.stat().st_size,
-        unit="B",
-        unit_scale=True,
-        desc=path.name,
-        file=sys.stderr,
-        leave=False,
-    )
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def validate_dataset(
@@ -426,25 +404,27 @@ def validate_dataset(
     check_images: bool = True,
     max_images: int | None = None,
     max_problems_per_file: int = DEFAULT_MAX_PROBLEMS_PER_FILE,
+    jobs: int | None = None,
     progress: bool = False,
 ) -> ValidationReport:
     """Validate a dataset directory, or one ``<name>_<split>.jsonl`` file inside one.
 
     ``deep`` decodes every image fully; ``check_images=False`` checks paths but not contents;
-    ``max_images`` overrides ``dataset.json``'s images-per-record limit. Raises ``OSError`` when a
-    file cannot be read at all.
+    ``max_images`` overrides ``dataset.json``'s images-per-record limit; ``jobs`` worker processes
+    (default: one per available core) share the records and images of large datasets. Raises
+    ``OSError`` when a file cannot be read at all.
     """
     path = Path(path)
     single_file = path.is_file()
     data_dir = path.parent if single_file else path
     info, info_errors = read_info(data_dir)
-    content = "deep" if deep else ("header" if check_images else "none")
     run = _Validation(
         data_dir,
         info,
-        content=content,
+        content="deep" if deep else ("header" if check_images else "none"),
         max_images=max_images,
         max_problems_per_file=max_problems_per_file,
+        jobs=jobs or available_cores(),
         progress=progress,
     )
     for error in info_errors:
@@ -455,27 +435,41 @@ def validate_dataset(
         run.add(str(images_root(data_dir)), 0, "(folder)", "missing images/ folder")
     if single_file:
         split = next((s for s, p in found.splits.items() if p.name == path.name), None)
-        if split is None:
-            run.add(str(path), 0, "(file name)", misnamed_message(found.name))
-        run.scan_file(path, split, summary)
+        files = [(path, split)]
     else:
-        if not found.splits and not found.misnamed:
+        files = sorted(found.splits.items(), key=_train_first)
+        files = [(split_path, split) for split, split_path in files]
+        files += [(misnamed, None) for misnamed in found.misnamed]
+        if not files:
             run.add(str(path), 0, "(folder)", "no <name>_<split>.jsonl file in this folder")
-        for split, split_path in sorted(found.splits.items(), key=_train_first):
-            run.scan_file(split_path, split, summary)
-        for misnamed in found.misnamed:
-            run.add(str(misnamed), 0, "(file name)", misnamed_message(found.name))
-            run.scan_file(misnamed, None, summary)
-        _check_unlabeled_splits(run, data_dir, info, found.splits)
-        run.check_shared_images()
-    run.check_duplicate_ids()
-    run.finish_image_problems()
+    if progress:
+        run._bar = _progress_bar(sum(file.stat().st_size for file, _ in files))
+    try:
+        for file, split in files:
+            if split is None:
+                run.add(str(file), 0, "(file name)", misnamed_message(found.name))
+            run.scan_file(file, split, summary)
+        if not single_file:
+            _check_unlabeled_splits(run, data_dir, info, found.splits)
+            run.check_shared_images()
+        run.check_duplicate_ids()
+        run.check_images()
+    finally:
+        run.close()
     run.sort_problems()
     if run.checker is not None:
         summary.distinct_images = len(run.checker.verdicts)
         summary.image_formats = run.checker.formats
         summary.image_modes = run.checker.modes
+    else:
+        summary.distinct_images = len(run.first_reference)
     return ValidationReport(problems=run.problems, summary=summary, suppressed=run.suppressed)
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="validate", file=sys.stderr)
 
 
 def _check_unlabeled_splits(
@@ -516,6 +510,12 @@ def _check_unlabeled_splits(
     help="Problems listed per file; more are counted as suppressed.",
 )
 @click.option("--no-image-check", is_flag=True, help="Check image paths but not image contents.")
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes for large datasets (default: one per available core).",
+)
 def validate_command(
     path: Path,
     deep: bool,
@@ -523,6 +523,7 @@ def validate_command(
     max_images: int | None,
     max_problems: int,
     no_image_check: bool,
+    jobs: int | None,
 ) -> None:
     """Check a dataset directory (or one .jsonl file) and summarize it.
 
@@ -538,6 +539,7 @@ def validate_command(
             check_images=not no_image_check,
             max_images=max_images,
             max_problems_per_file=max_problems,
+            jobs=jobs,
             progress=sys.stderr.isatty(),
         )
     except DatasetError as exc:

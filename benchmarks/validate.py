@@ -1,0 +1,243 @@
+"""Speed and memory of ``phi3v-data validate`` against a naive jsonschema baseline.
+
+    .venv/bin/python benchmarks/validate.py [--records 1000000] [--images 3000] [--workdir DIR]
+
+Builds a dataset in a temporary folder: ``--images`` real JPEG files (320x240) referenced many
+times by ``--records`` records, 90% train / 10% test, half UCF-101-like (8 frames, the 101-class
+prompt, a class answer), half DocVQA-like (1 page, a question, several answers); a few records
+have 1-7 images. Then, each in a fresh subprocess so that peak RSS is its own:
+
+1. schema + path checks (``validate_dataset(check_images=False)``) on the whole dataset and on its
+   first 10% (peak RSS of both shows how memory grows with the number of records);
+2. image header checks (``ImageChecker(content="header")``) on every distinct image;
+3. the naive baseline: ``json.loads`` + ``jsonschema.Draft202012Validator`` with
+   ``schemas/record.schema.json`` + ``os.path.exists`` per image, on the first ``--baseline``
+   records only (its rate is extrapolated to the whole dataset, and the ratio is of rates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = [f"Class{index:03d}" for index in range(101)]
+UCF_PROMPT = (
+    "Classify the video into one of the following classes: " + ", ".join(CLASSES) + ". Answer:"
+)
+QUESTIONS = ["What is the date on the letter?", "Who signed the form?", "What is the total?"]
+
+
+def build_images(root: Path, count: int) -> list[str]:
+    from PIL import Image
+
+    rng = random.Random(0)
+    names = []
+    for index in range(count):
+        name = f"v{index // 100:03d}/frame_{index:05d}.jpg"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        color = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+        Image.new("RGB", (320, 240), color).save(root / name, quality=85)
+        names.append(name)
+    return names
+
+
+def build_records(path: Path, count: int, images: list[str], prefix: str, seed: int) -> None:
+    rng = random.Random(seed)
+    with path.open("wb") as stream:
+        for index in range(count):
+            kind = rng.random()
+            if kind < 0.5:
+                start = rng.randrange(len(images) - 8)
+                record = {
+                    "id": f"{prefix}-ucf-{index:07d}",
+                    "source": "ucf101",
+                    "conversations": [
+                        {
+                            "images": images[start : start + 8],
+                            "user": UCF_PROMPT,
+                            "assistant": rng.choice(CLASSES),
+                        }
+                    ],
+                }
+            else:
+                count_images = 1 if kind < 0.95 else rng.randint(2, 7)
+                answer = f"{rng.randrange(1, 31)} March {rng.randrange(1950, 2000)}"
+                record = {
+                    "id": f"{prefix}-doc-{index:07d}",
+                    "source": "docvqa",
+                    "conversations": [
+                        {
+                            "images": rng.sample(images, count_images),
+                            "user": rng.choice(QUESTIONS),
+                            "assistant": answer,
+                        }
+                    ],
+                    "answers": [answer, answer.upper()],
+                }
+            stream.write(orjson.dumps(record) + b"\n")
+
+
+def build_dataset(root: Path, records: int, image_count: int) -> None:
+    (root / "images").mkdir(parents=True)
+    images = build_images(root / "images", image_count)
+    held_out = max(8, image_count // 10)  # test images never appear in train: no leak problems
+    test_records = records // 10
+    build_records(root / "bench_train.jsonl", records - test_records, images[held_out:], "tr", 1)
+    build_records(root / "bench_test.jsonl", test_records, images[:held_out], "te", 2)
+
+
+def head_dataset(source: Path, target: Path, fraction: float) -> None:
+    """A smaller copy of ``source``: the first ``fraction`` of each split, the same images."""
+    target.mkdir()
+    (target / "images").symlink_to(source / "images")
+    for split_file in source.glob("*.jsonl"):
+        with split_file.open("rb") as stream:
+            lines = stream.readlines()
+        (target / split_file.name).write_bytes(b"".join(lines[: int(len(lines) * fraction)]))
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_validate(data_dir: Path) -> dict:
+    from phi3v_data.validate import validate_dataset
+
+    started = time.perf_counter()
+    report = validate_dataset(data_dir, check_images=False)
+    seconds = time.perf_counter() - started
+    assert report.ok, report.format_text()[:2000]
+    records = report.summary.records
+    return {
+        "records": records,
+        "seconds": seconds,
+        "rate": records / seconds,
+        "rss": peak_rss_mib(),
+    }
+
+
+def measure_headers(data_dir: Path) -> dict:
+    from phi3v_data.images import ImageChecker
+
+    names = sorted(
+        str(path.relative_to(data_dir / "images")) for path in (data_dir / "images").rglob("*.jpg")
+    )
+    checker = ImageChecker(data_dir / "images", content="header")
+    started = time.perf_counter()
+    problems = [name for name in names if checker.check(name) is not None]
+    seconds = time.perf_counter() - started
+    assert not problems, problems[:5]
+    return {"images": len(names), "seconds": seconds, "rate": len(names) / seconds}
+
+
+def measure_baseline(data_dir: Path, limit: int) -> dict:
+    import jsonschema
+
+    schema = json.loads((REPO / "schemas" / "record.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    root = data_dir / "images"
+    records = 0
+    started = time.perf_counter()
+    with (data_dir / "bench_train.jsonl").open("rb") as stream:
+        for line in stream:
+            record = json.loads(line)
+            errors = list(validator.iter_errors(record))
+            assert not errors, errors[0]
+            for turn in record["conversations"]:
+                for image in turn["images"]:
+                    assert os.path.exists(os.path.join(root, image)), image
+            records += 1
+            if records >= limit:
+                break
+    seconds = time.perf_counter() - started
+    return {
+        "records": records,
+        "seconds": seconds,
+        "rate": records / seconds,
+        "rss": peak_rss_mib(),
+    }
+
+
+def child(argv: list[str]) -> None:
+    kind, data_dir = argv[0], Path(argv[1])
+    if kind == "validate":
+        result = measure_validate(data_dir)
+    elif kind == "headers":
+        result = measure_headers(data_dir)
+    else:
+        result = measure_baseline(data_dir, int(argv[2]))
+    print(json.dumps(result))
+
+
+def run_child(*args: str) -> dict:
+    output = subprocess.run(
+        [sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--baseline", type=int, default=50_000, help="records the baseline reads")
+    parser.add_argument("--workdir", type=Path, default=None, help="where to build (default tmp)")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="phi3v-bench-validate-", dir=args.workdir))
+    try:
+        started = time.perf_counter()
+        full, small = workdir / "full", workdir / "small"
+        build_dataset(full, args.records, args.images)
+        head_dataset(full, small, 0.1)
+        size = sum(path.stat().st_size for path in full.glob("*.jsonl"))
+        print(
+            f"built {args.records:,} records ({size / 2**20:.0f} MiB jsonl), {args.images:,} "
+            f"JPEG images, in {time.perf_counter() - started:.1f} s"
+        )
+        ours = run_child("validate", str(full))
+        ours_small = run_child("validate", str(small))
+        headers = run_child("headers", str(full))
+        baseline = run_child("baseline", str(full), str(args.baseline))
+        growth = (
+            (ours["rss"] - ours_small["rss"]) * 2**20 / (ours["records"] - ours_small["records"])
+        )
+        print(
+            f"schema + path checks: {ours['rate']:,.0f} records/s "
+            f"({ours['records']:,} records in {ours['seconds']:.1f} s, 1 process)"
+        )
+        print(
+            f"peak RSS: {ours['rss']:.0f} MiB at {ours['records']:,} records, "
+            f"{ours_small['rss']:.0f} MiB at {ours_small['records']:,} "
+            f"({growth:.0f} bytes per extra record)"
+        )
+        print(
+            f"image header checks: {headers['rate']:,.0f} images/s "
+            f"({headers['images']:,} distinct images in {headers['seconds']:.2f} s)"
+        )
+        print(
+            f"baseline (json.loads + jsonschema Draft202012Validator + os.path.exists): "
+            f"{baseline['rate']:,.0f} records/s on the first {baseline['records']:,} records, "
+            f"extrapolated: {ours['records'] / baseline['rate']:.0f} s for {ours['records']:,}"
+        )
+        print(f"ratio: {ours['rate'] / baseline['rate']:.1f}x the baseline's records/s")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
