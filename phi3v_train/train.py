@@ -1,0 +1,647 @@
+"""``phi3v-train``: the one training recipe, top to bottom.
+
+1. Resolve the configuration (flags < YAML < command line), check the batch arithmetic and
+   validate the dataset, all before any model is loaded (exit 2 with a one-line message or the
+   validate report).
+2. Join the process group (torchrun: gloo on CPU, nccl on CUDA; or DeepSpeed).
+3. Load the processor and the model (attention implementation, dtype, QLoRA quantization).
+4. Evaluate the untouched model (``eval_before.json``).
+5. Apply the strategy: freezing or LoRA / QLoRA / DoRA; gradient checkpointing.
+6. Wrap for DDP or DeepSpeed; build AdamW with parameter groups, the linear schedule and, for fp16
+   on CUDA, a GradScaler.
+7. Resume from a checkpoint when asked.
+8. Train: deterministic data order from (seed, epoch), gradient accumulation, clipping, logging,
+   atomic checkpoints every ``--save_steps``.
+9. Save the model (official layout) or the adapter, the processor, the loss curve; evaluate again
+   (``eval_after.json``).
+
+Mixed batches under DDP / DeepSpeed: a micro-batch without images never runs the vision tower,
+and the last CLIP layer never runs at all, so some trainable parameters get no gradient on some
+ranks, which hangs or crashes gradient synchronisation. In distributed runs every trainable
+parameter therefore enters the loss with weight zero (``loss + 0 * sum(p.sum())``): every rank
+then produces a gradient (zero where unused) for every parameter at every step, and the result
+is numerically unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from phi3v_train.config import DEFAULT_NUM_CROPS, TrainConfig, build_config, config_options
+
+#: Fault injection for the resume tests: the process SIGKILLs itself after this optimizer step.
+KILL_AFTER_STEP_ENV = "PHI3V_TRAIN_KILL_AFTER_STEP"
+DEEPSPEED_CONFIG_DIR = Path(__file__).parent / "deepspeed_configs"
+
+
+class TrainingError(Exception):
+    """A problem found before or during set-up, reported as one line with exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------
+# command
+# ------------------------------------------------------------------------------------------------
+
+
+@click.command("train", context_settings={"help_option_names": ["-h", "--help"]})
+@config_options
+@click.pass_context
+def train_command(ctx: click.Context, **params: Any) -> None:
+    """Fine-tune Phi-3.5-vision on a dataset directory.
+
+    \b
+      phi3v-train --data_dir DIR --output_dir OUT [options]
+      phi3v-train --config recipes/docvqa-lora.yaml --data_dir DIR --output_dir OUT
+      torchrun --nproc_per_node=N --no-python phi3v-train --data_dir DIR ...
+    """
+    config = build_config(ctx, params)
+    if config.data_dir is None:
+        raise click.UsageError("--data_dir: missing (the dataset directory to train on)")
+    try:
+        train(config)
+    except TrainingError as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(2)
+
+
+# ------------------------------------------------------------------------------------------------
+# checks that need no model
+# ------------------------------------------------------------------------------------------------
+
+
+def gradient_accumulation_steps(config: TrainConfig, world_size: int) -> int:
+    per_step = world_size * config.batch_size_per_gpu
+    if config.batch_size % per_step:
+        raise TrainingError(
+            f"batch_size: {config.batch_size} is not divisible by world size {world_size} x "
+            f"batch_size_per_gpu {config.batch_size_per_gpu} = {per_step}"
+        )
+    return config.batch_size // per_step
+
+
+def check_dataset(config: TrainConfig, is_main: bool) -> tuple[str | None, int]:
+    """Validate the dataset (print the report when invalid); return (eval split, num_crops)."""
+    from phi3v_data.dataset import find_splits, load_info
+    from phi3v_data.validate import validate_dataset
+
+    data_dir = config.data_dir
+    if not data_dir.is_dir():
+        raise TrainingError(f"{data_dir}: --data_dir: no such directory")
+    report = validate_dataset(data_dir)
+    if not report.ok:
+        if is_main:
+            click.echo(report.format_text(), err=True)
+        raise TrainingError(f"{data_dir}: dataset is invalid (report above); nothing was trained")
+    splits = find_splits(data_dir)
+    if config.train_split not in splits:
+        known = ", ".join(sorted(splits))
+        raise TrainingError(
+            f"{data_dir}: --train_split: no split {config.train_split!r} (found: {known})"
+        )
+    eval_split = config.eval_split
+    if eval_split is None:
+        eval_split = next((s for s in ("val", "test") if s in splits), None)
+    elif eval_split == "none":
+        eval_split = None
+    elif eval_split not in splits:
+        raise TrainingError(f"{data_dir}: --eval_split: no split {eval_split!r}")
+    info = load_info(data_dir)
+    num_crops = config.num_crops or info.num_crops or DEFAULT_NUM_CROPS
+    return eval_split, num_crops
+
+
+def resolve_attention(config: TrainConfig) -> str:
+    if config.attn is not None:
+        return config.attn
+    if config.use_flash_attention:
+        return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+    return "sdpa"
+
+
+# ------------------------------------------------------------------------------------------------
+# data order
+# ------------------------------------------------------------------------------------------------
+
+
+class EpochSampler(Sampler[int]):
+    """This rank's share of a (seed, epoch) permutation, from micro-batch ``skip_batches`` on.
+
+    The permutation is padded (wrapping around) to a multiple of the world size so that every rank
+    sees the same number of batches; rank r takes positions r, r + world, ...
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        skip: int = 0,
+    ) -> None:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(size, generator=generator).tolist()
+        padded = math.ceil(size / world_size) * world_size
+        order += order[: padded - size]
+        self.indices = order[rank::world_size][skip:]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(
+    dataset: Any, collator: Any, config: TrainConfig, sampler: EpochSampler, epoch: int
+):
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size_per_gpu,
+        sampler=sampler,
+        collate_fn=collator,
+        num_workers=config.num_workers,
+        prefetch_factor=2 if config.num_workers else None,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
+    """Linear warm-up to the peak, then linear decay to zero at ``total`` steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def effective_warmup(config: TrainConfig, total_steps: int) -> int:
+    return min(config.warmup_steps, total_steps // 10)
+
+
+# ------------------------------------------------------------------------------------------------
+# model
+# ------------------------------------------------------------------------------------------------
+
+
+def load_model(config: TrainConfig, attn: str, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    import phi3v_train  # noqa: F401  (registers phi3_v with the Auto classes)
+    from phi3v_train.strategies import quantization_config
+
+    options: dict[str, Any] = {"attn_implementation": attn}
+    # Frozen LoRA bases run in bf16 under --bf16; full fine-tuning keeps fp32 master weights.
+    options["dtype"] = torch.bfloat16 if (config.lora and config.bf16) else torch.float32
+    if config.use_qlora:
+        options["quantization_config"] = quantization_config(config, device)
+        options["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, **options)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrainingError(f"{config.model_name_or_path}: --model_name_or_path: {first}") from None
+    return model
+
+
+def load_processor(config: TrainConfig, num_crops: int):
+    from transformers import AutoProcessor
+
+    import phi3v_train  # noqa: F401
+
+    return AutoProcessor.from_pretrained(config.model_name_or_path, num_crops=num_crops)
+
+
+def deepspeed_config(config: TrainConfig, accumulation: int, device: torch.device) -> dict:
+    import json
+
+    name = config.deepspeed
+    path = DEEPSPEED_CONFIG_DIR / f"{name}.json" if name in ("zero2", "zero3") else Path(name)
+    ds = json.loads(path.read_text(encoding="utf-8"))
+    ds["train_micro_batch_size_per_gpu"] = config.batch_size_per_gpu
+    ds["gradient_accumulation_steps"] = accumulation
+    ds["train_batch_size"] = config.batch_size
+    ds["gradient_clipping"] = config.max_grad_norm
+    cuda = device.type == "cuda"
+    ds.setdefault("fp16", {})["enabled"] = cuda and not config.bf16
+    ds.setdefault("bf16", {})["enabled"] = config.bf16
+    return ds
+
+
+def zero_weighted_parameters(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    """0 x the sum of every trainable parameter: a gradient (of zeros) for each on every rank."""
+    return sum(param.sum() for param in parameters) * 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# the recipe
+# ------------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to bottom on purpose
+    from phi3v_data.dataset import images_root, read_split
+    from phi3v_train import checkpointing as ckpt
+    from phi3v_train.data import TrainCollator, TrainDataset
+    from phi3v_train.distributed import (
+        all_reduce_mean,
+        barrier,
+        cleanup_distributed,
+        setup_distributed,
+    )
+    from phi3v_train.strategies import (
+        apply_freezing,
+        apply_lora,
+        param_groups,
+        trainable_summary,
+    )
+
+    # 1. checks that need no model ---------------------------------------------------------
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    accumulation = gradient_accumulation_steps(config, world_size)
+    eval_split, num_crops = check_dataset(config, is_main)
+    attn = resolve_attention(config)
+    resume_from = _resume_path(config)
+
+    # 2. processes ---------------------------------------------------------------------------
+    dist = setup_distributed(use_deepspeed=bool(config.deepspeed))
+    log = _logger(dist.is_main)
+    out = config.output_dir
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt.remove_incomplete(out):
+            log(f"removed incomplete checkpoint {stale}")
+        (out / "train_config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    barrier()
+    if config.use_flash_attention:
+        log(f"attention: {attn}" + ("" if attn == "flash_attention_2" else " (flash_attn absent)"))
+    _seed_everything(config.seed)
+
+    # 3. processor, data and model ---------------------------------------------------------
+    processor = load_processor(config, num_crops)
+    records = read_split(config.data_dir, config.train_split)
+    dataset = TrainDataset(
+        records, processor, images_root(config.data_dir), max_seq_len=config.max_seq_len
+    )
+    skipped = dataset.drop_overlong()
+    if skipped:
+        log(
+            f"max_seq_len {config.max_seq_len}: skipped {len(skipped)} record(s) whose image "
+            f"tokens or answer do not fit: {', '.join(skipped[:10])}"
+            + (" ..." if len(skipped) > 10 else "")
+        )
+    if len(dataset) == 0:
+        raise TrainingError(f"{config.data_dir}: no training record left to train on")
+    collator = TrainCollator(pad_token_id=processor.tokenizer.pad_token_id)
+
+    model = load_model(config, attn, dist.device)
+    if not config.use_qlora:
+        model.to(dist.device)
+    autocast = _autocast(config, dist.device, deepspeed=bool(config.deepspeed))
+
+    # 4. evaluation before training ----------------------------------------------------------
+    if eval_split and not config.skip_eval_before and not (out / "eval_before.json").exists():
+        _evaluate(model, processor, config, eval_split, out / "eval_before.json", autocast, log)
+
+    # 5. strategy ----------------------------------------------------------------------------
+    if config.lora:
+        model = apply_lora(model, config)
+    else:
+        apply_freezing(model, config)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    log(f"strategy: {_strategy_name(config)}; {trainable_summary(model)}")
+    trainable = [param for param in model.parameters() if param.requires_grad]
+
+    # 6. wrapping, optimizer, schedule ---------------------------------------------------------
+    per_rank = math.ceil(len(dataset) / dist.world_size)
+    batches_per_epoch = math.ceil(per_rank / config.batch_size_per_gpu)
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    total_steps = config.max_steps or steps_per_epoch * config.num_train_epochs
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config), lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-7
+    )
+    scheduler = linear_schedule(optimizer, effective_warmup(config, total_steps), total_steps)
+    engine = None
+    scaler = None
+    if config.deepspeed:
+        import deepspeed
+
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(config, accumulation, dist.device),
+        )
+        train_model = engine
+    elif dist.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None
+        )
+    else:
+        train_model = model
+    if dist.device.type == "cuda" and not config.bf16 and not config.deepspeed:
+        scaler = torch.amp.GradScaler("cuda")
+    touch_all = dist.distributed and config.deepspeed != "zero3"
+
+    # 7. resume ------------------------------------------------------------------------------
+    state = ckpt.TrainerState(seed=config.seed, world_size=dist.world_size)
+    if resume_from is not None:
+        try:
+            state = ckpt.load_checkpoint(
+                resume_from,
+                dist=dist,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                engine=engine,
+            )
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
+        log(f"resumed from {resume_from} at step {state.global_step}")
+
+    # 8. train -------------------------------------------------------------------------------
+    log(
+        f"training: {len(dataset)} records, {dist.world_size} process(es), micro-batch "
+        f"{config.batch_size_per_gpu}, accumulation {accumulation}, global batch "
+        f"{config.batch_size}, {total_steps} optimizer steps"
+    )
+    writer = _tensorboard(config, out) if dist.is_main else None
+    kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
+    progress = _progress(config, dist.is_main, total_steps, state.global_step)
+    train_model.train()
+    started = time.monotonic()
+    while state.global_step < total_steps and state.epoch < num_epochs:
+        sampler = EpochSampler(
+            len(dataset),
+            seed=config.seed,
+            epoch=state.epoch,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            skip=state.batches_done * config.batch_size_per_gpu,
+        )
+        loader = make_loader(dataset, collator, config, sampler, state.epoch)
+        window_losses: list[float] = []
+        for batch in loader:
+            window_start = state.batches_done - state.batches_done % accumulation
+            window = min(accumulation, batches_per_epoch - window_start)
+            state.batches_done += 1
+            boundary = state.batches_done == window_start + window
+            batch = {k: v.to(dist.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            if batch["pixel_values"] is None:  # text-only micro-batch
+                del batch["pixel_values"], batch["image_sizes"]
+            sync = nullcontext()
+            if engine is None and dist.distributed and not boundary:
+                sync = train_model.no_sync()
+            with sync:
+                with autocast:
+                    loss = train_model(**batch).loss
+                window_losses.append(float(loss.detach()))
+                scaled = loss / window
+                if touch_all:
+                    scaled = scaled + zero_weighted_parameters(trainable)
+                if engine is not None:
+                    engine.set_gradient_accumulation_boundary(boundary)
+                    engine.backward(scaled, scale_wrt_gas=False)
+                elif scaler is not None:
+                    scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            if not boundary:
+                continue
+            if engine is not None:
+                engine.step()
+            else:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+            step_loss = all_reduce_mean(sum(window_losses) / len(window_losses), dist.device)
+            window_losses = []
+            state.losses.append([state.global_step, step_loss])
+            lr = scheduler.get_last_lr()[0]
+            if writer is not None:
+                writer.add_scalar("train/loss", step_loss, state.global_step)
+                writer.add_scalar("train/learning_rate", lr, state.global_step)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}")
+            if state.global_step % config.logging_steps == 0 or state.global_step == total_steps:
+                log(f"step {state.global_step}/{total_steps} loss {step_loss:.4f} lr {lr:.3g}")
+            if state.batches_done >= batches_per_epoch:
+                state.epoch += 1
+                state.batches_done = 0
+            if config.save_steps and state.global_step % config.save_steps == 0:
+                path = ckpt.save_checkpoint(
+                    out,
+                    state,
+                    dist=dist,
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    engine=engine,
+                    save_total_limit=config.save_total_limit,
+                )
+                log(f"saved {path}")
+            if kill_after and state.global_step == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if state.global_step >= total_steps or state.epoch >= num_epochs:
+                break
+            if state.batches_done == 0:
+                break  # the epoch ended with this step: rebuild the loader for the next one
+    if progress is not None:
+        progress.close()
+    log(f"trained {state.global_step} steps in {time.monotonic() - started:.1f}s")
+
+    # 9. outputs and evaluation after training -------------------------------------------------
+    final_model = engine.module if engine is not None else model
+    _save_outputs(final_model, processor, config, state, out, dist, engine, log)
+    if writer is not None:
+        writer.close()
+    if eval_split and not config.skip_eval_after:
+        if config.deepspeed == "zero3":
+            log("evaluation after training skipped under ZeRO-3 (parameters are sharded)")
+        else:
+            final_model.config.use_cache = True
+            _evaluate(
+                final_model, processor, config, eval_split, out / "eval_after.json", autocast, log
+            )
+    barrier()
+    cleanup_distributed()
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers of the recipe
+# ------------------------------------------------------------------------------------------------
+
+
+def _resume_path(config: TrainConfig) -> Path | None:
+    from phi3v_train.checkpointing import STATE_FILE, latest_checkpoint
+
+    if config.resume is None:
+        return None
+    if config.resume == "auto":
+        return latest_checkpoint(config.output_dir)
+    path = Path(config.resume)
+    if not (path / STATE_FILE).is_file():
+        raise TrainingError(f"{path}: --resume: not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _logger(is_main: bool):
+    def log(message: str) -> None:
+        if is_main:
+            click.echo(f"[phi3v-train] {message}", err=True)
+
+    return log
+
+
+def _autocast(config: TrainConfig, device: torch.device, *, deepspeed: bool):
+    if deepspeed:
+        return nullcontext()
+    if config.bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+def _strategy_name(config: TrainConfig) -> str:
+    if config.use_qlora:
+        name = "QLoRA (nf4)"
+    elif config.use_dora:
+        name = "DoRA"
+    elif config.lora:
+        name = "LoRA"
+    else:
+        name = "full fine-tuning"
+    if config.lora:
+        name += f" r={config.lora_rank} alpha={config.lora_alpha}"
+    frozen = sorted(config.frozen_parts)
+    if frozen:
+        name += f", frozen: {', '.join(frozen)}"
+    if config.freeze_text_embeddings_with_vision:
+        name += " (+ projector and text embeddings, as the original)"
+    return name
+
+
+def _tensorboard(config: TrainConfig, out: Path):
+    if config.report_to != "tensorboard":
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(out / "logs"))
+
+
+def _progress(config: TrainConfig, is_main: bool, total: int, done: int):
+    if not (config.tqdm and is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="train", unit="step")
+
+
+def _evaluate(model, processor, config, split, path, autocast, log) -> None:
+    from phi3v_train.evaluate import evaluate_split
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast:
+        result = evaluate_split(
+            model,
+            processor,
+            config.data_dir,
+            split,
+            batch_size=config.eval_batch_size,
+            max_new_tokens=config.max_new_tokens,
+            max_samples=config.eval_max_samples,
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        result.write_json(path)
+        log(f"{path.stem} ({split}):\n{result.format_table()}")
+    model.train(was_training)
+
+
+def _save_outputs(model, processor, config, state, out, dist, engine, log) -> None:
+    """Model (official layout) or adapter, processor files, loss curve: atomically per file."""
+    from phi3v_train.distributed import barrier
+
+    state_dict = None
+    if engine is not None and config.deepspeed == "zero3":
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    if dist.is_main:
+        if state_dict is not None:
+            model.save_pretrained(str(out), state_dict=state_dict)
+        else:
+            model.save_pretrained(str(out))
+        processor.save_pretrained(str(out))
+        _plot_losses(state.losses, out / "loss_curve.png")
+        state.write(out / "trainer_state.json")
+        kind = "adapter" if config.lora else "model"
+        log(f"saved the {kind}, processor, loss_curve.png and train_config.yaml to {out}")
+    barrier()
+
+
+def _plot_losses(losses: list[list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    if losses:
+        steps, values = zip(*losses, strict=True)
+        axis.plot(steps, values)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("training loss")
+    axis.set_title("phi3v-train")
+    figure.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    os.replace(tmp, path)
