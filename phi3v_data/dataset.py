@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from phi3v_data.messages import plain_errors
+from phi3v_data.messages import one_line, plain_errors
 from phi3v_data.schema import CTX_MAX_IMAGES, CTX_UNLABELED, DatasetInfo, Record
 
 IMAGES_DIRNAME = "images"
@@ -42,6 +42,7 @@ class DatasetError(Exception):
     """
 
     def __init__(self, path: Path | str, line: int, field: str, message: str) -> None:
+        field, message = one_line(field), one_line(message)
         self.path, self.line, self.field, self.message = str(path), line, field, message
         super().__init__(f"{self.path}:{line}: {field}: {message}")
 
@@ -157,7 +158,7 @@ def record_context(info: DatasetInfo, split: str | None, max_images: int | None 
 
 
 def read_lines(
-    path: Path, *, start: int = 0, stop: int | None = None, max_line_bytes: int = MAX_LINE_BYTES
+    path: Path, *, start: int = 0, stop: int | None = None, max_line_bytes: int | None = None
 ) -> Iterator[tuple[int, bytes | None, tuple[str, str] | None]]:
     """``(line number, bytes, None)`` per line, or ``(line number, None, (field, message))``.
 
@@ -166,6 +167,7 @@ def read_lines(
     file's first line is reported and the rest of the line is still yielded, so that line number
     may come twice.
     """
+    max_line_bytes = max_line_bytes or MAX_LINE_BYTES
     with Path(path).open("rb") as stream:
         stream.seek(start)
         left = stop - start if stop is not None else float("inf")

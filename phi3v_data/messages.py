@@ -31,6 +31,19 @@ _JSON_TYPES = {
 }
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped, so that a problem stays on one line."""
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
+
+
+def _field_part(part: str | int) -> str:
+    text = str(part)
+    return text if text.isidentifier() or text.isdigit() else shorten(text, 40)
+
+
 def json_type(value: Any) -> str:
     """How a parsed JSON value is called in a message: ``an array``, ``null``, ..."""
     return _JSON_TYPES.get(type(value), type(value).__name__)
@@ -115,7 +128,7 @@ def plain_errors(exc: ValidationError) -> list[tuple[str, str]]:
         if error["type"] == "json_invalid":
             plain.append(_json_syntax(error))
             continue
-        loc = [str(part) for part in error["loc"]]
+        loc = [_field_part(part) for part in error["loc"]]
         message = _message(error)
         if not loc:
             match = _FIELD_PREFIX.match(message)

@@ -42,6 +42,7 @@ from phi3v_data.dataset import (
     scan_splits,
 )
 from phi3v_data.images import ImageChecker, check_image_path
+from phi3v_data.messages import one_line
 from phi3v_data.record_scan import ChunkScan, prune_answers, scan_chunk
 from phi3v_data.schema import DatasetInfo
 
@@ -252,7 +253,7 @@ class _Validation:
         if self.per_file[path] > self.max_problems:
             self.suppressed += 1
         else:
-            self.problems.append(Problem(path, line, field_name, message))
+            self.problems.append(Problem(path, line, one_line(field_name), one_line(message)))
 
     def scan_file(self, path: Path, split: str | None, summary: Summary) -> None:
         """Validate every line of one jsonl file (in chunks, in parallel), adding to ``summary``."""
