@@ -10,16 +10,18 @@ with their image paths filled in.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
-from phi3v_data.convert import Converter, ImageWriter, Item, SkipItem
+from phi3v_data.convert import Converter, ImageWriter, Item, Plan, SkipItem, Skipped, SourceError
 
 from ._image_files import UnusableImage, export_image
+from ._raw_tables import RawRow, iter_json_lines
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,134 @@ def parse_answer_words(value: str | None) -> dict[str, str]:
     return {"0": words[0], "1": words[1]}
 
 
+# --------------------------------------------------------------------------- options and help
+
+
+def images_dir_option(help_text: str) -> click.Option:
+    """``--images_dir``: where the images are when they are not found in SRC."""
+    return click.Option(
+        ["--images_dir"],
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help=help_text,
+    )
+
+
 def path_option(options: Mapping[str, Any], name: str) -> Path | None:
     """An optional path option (the runner hands options over as JSON-ready strings)."""
     value = options.get(name)
     return Path(value) if value else None
+
+
+def help_from_docstring(first_line: str, docstring: str | None) -> str:
+    """``--help`` text: ``first_line``, then the module docstring's body without RST quoting."""
+    body = (docstring or "").split("\n\n", 1)[-1].replace("``", "")
+    return f"{first_line}\n\n{body}"
+
+
+# --------------------------------------------------------------------------- labelled JSON lines
+
+
+def find_split_files(src: Path, splits: Sequence[str], suffix: str, depth: int) -> dict[str, Path]:
+    """split -> ``<split><suffix>`` in SRC or up to ``depth`` folders below (the first level
+    holding any); raises :class:`SourceError` when none is found or a split has two files."""
+    for level in range(depth + 1):
+        prefix = "*/" * level
+        found = {
+            split: [path for path in sorted(src.glob(f"{prefix}{split}{suffix}")) if path.is_file()]
+            for split in splits
+        }
+        found = {split: paths for split, paths in found.items() if paths}
+        if found:
+            break
+    else:
+        names = ", ".join(f"{split}{suffix}" for split in splits)
+        raise SourceError(src, f"no annotation file found: expected one of {names}")
+    for split, paths in found.items():
+        if len(paths) > 1:
+            listed = ", ".join(str(path) for path in paths)
+            raise SourceError(src, f"several {split}{suffix} files: {listed}")
+    return {split: paths[0] for split, paths in found.items()}
+
+
+@dataclass(frozen=True)
+class RowContext:
+    """What ``LabeledRowsConverter.plan_row`` needs besides the row."""
+
+    split: str
+    label: int | None
+    words: Mapping[str, str]
+    finder: Any
+    groups: RecordGroups
+
+    @property
+    def answer(self) -> str:
+        """The assistant text: the label's answer word, or empty in an unlabeled split."""
+        return self.words[str(self.label)] if self.label is not None else ""
+
+
+class LabeledRowsConverter(ImageRecordsConverter):
+    """Base of converters whose annotations are one JSON-lines file per split, one row per record,
+    with a binary label (nlvr2, hateful_memes).
+
+    A file without any label is an unlabeled split (empty assistant texts, declared in
+    ``unlabeled_splits``); in a labelled file a row without a label is skipped and reported.
+    """
+
+    splits: ClassVar[Sequence[str]]
+    suffix: ClassVar[str]
+    search_depth: ClassVar[int]
+    metrics: ClassVar[list[str]]
+    num_crops: ClassVar[int] = 16
+
+    #: ``finder_class(src, images_dir)`` finds a row's image files for ``plan_row``
+    finder_class: ClassVar[type]
+
+    @staticmethod
+    @abstractmethod
+    def parse_label(value: Any) -> int | None | str:
+        """1/0, None when absent, or the reason the value is unusable."""
+
+    @abstractmethod
+    def plan_row(self, row: RawRow, context: RowContext) -> str | None:
+        """Add the row's record to ``context.groups``; return why it is skipped instead, if it is.
+
+        ``context.label`` is already checked (None only in an unlabeled split).
+        """
+
+    def plan(self, src: Path, options: Mapping[str, Any]) -> Plan:
+        words = parse_answer_words(options.get("answer_words"))
+        finder = self.finder_class(src, path_option(options, "images_dir"))
+        groups = RecordGroups()
+        skipped: list[Skipped] = []
+        unlabeled: list[str] = []
+        for split, path in find_split_files(
+            src, self.splits, self.suffix, self.search_depth
+        ).items():
+            rows = list(iter_json_lines(path))
+            labels = [self.parse_label(row.data.get("label")) for row in rows]
+            labeled = any(isinstance(label, int) for label in labels)
+            if not labeled:
+                unlabeled.append(split)
+            for row, label in zip(rows, labels, strict=True):
+                if row.problem:
+                    reason: str | None = row.problem
+                elif isinstance(label, str):
+                    reason = label
+                elif label is None and labeled:
+                    reason = "label: missing, in a labelled split"
+                else:
+                    context = RowContext(split, label, words, finder, groups)
+                    reason = self.plan_row(row, context)
+                if reason is not None:
+                    skipped.append(Skipped(split, row.where, reason))
+        return Plan(
+            items=groups.items(),
+            skipped=skipped,
+            info={
+                "metrics": self.metrics,
+                "num_crops": self.num_crops,
+                "answer_words": words,
+                "unlabeled_splits": unlabeled,
+            },
+        )

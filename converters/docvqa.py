@@ -39,6 +39,8 @@ from ._image_records import (
     ImageFile,
     ImageRecordsConverter,
     RecordGroups,
+    help_from_docstring,
+    images_dir_option,
     make_record,
     path_option,
 )
@@ -304,17 +306,11 @@ class ParquetImage:
 
 class DocVQAConverter(ImageRecordsConverter):
     name = NAME
-    help = (
-        "DocVQA single page: RRC annotation JSON + page images, or HF parquet files.\n\n"
-        + __doc__.split("\n\n", 1)[1]
+    help = help_from_docstring(
+        "DocVQA single page: RRC annotation JSON + page images, or HF parquet files.", __doc__
     )
     options = [
-        click.Option(
-            ["--images_dir"],
-            type=click.Path(file_okay=False, path_type=Path),
-            default=None,
-            help="Folder of the page images (spdocvqa_images/) when it is not in SRC.",
-        ),
+        images_dir_option("Folder of the page images (spdocvqa_images/) when it is not in SRC."),
         click.Option(
             ["--format", "input_format"],
             type=click.Choice(["auto", "rrc", "parquet"]),

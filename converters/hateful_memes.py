@@ -23,20 +23,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import click
-
-from phi3v_data.convert import Plan, Skipped, SourceError
-
 from ._image_records import (
     ImageFile,
-    ImageRecordsConverter,
-    RecordGroups,
+    LabeledRowsConverter,
+    RowContext,
     answer_words_option,
+    help_from_docstring,
+    images_dir_option,
     make_record,
-    parse_answer_words,
-    path_option,
 )
-from ._raw_tables import RawRow, iter_json_lines, text_field
+from ._raw_tables import RawRow, text_field
 
 NAME = "hateful_memes"
 SPLITS = ["train", "dev_seen", "dev_unseen", "test_seen", "test_unseen", "dev", "test"]
@@ -49,30 +45,6 @@ def user_text(text: str | None, words: Mapping[str, str]) -> str:
     """The question of one meme: its text (when it has one), then the yes/no question."""
     question = f"Is this meme hateful? Answer {words['1']} or {words['0']}."
     return f"Meme text: {text}\n{question}" if text else question
-
-
-def find_annotation_files(src: Path) -> dict[str, Path]:
-    """split -> jsonl file, in SRC or one folder below (the first level that has any)."""
-    for pattern in ("{}.jsonl", "*/{}.jsonl"):
-        found: dict[str, list[Path]] = {}
-        for split in SPLITS:
-            paths = [path for path in sorted(src.glob(pattern.format(split))) if path.is_file()]
-            if paths:
-                found[split] = paths
-        if found:
-            break
-    else:
-        raise SourceError(
-            src,
-            "no Hateful Memes annotations: expected train.jsonl, dev_seen.jsonl, dev_unseen.jsonl, "
-            "test_seen.jsonl or test_unseen.jsonl in it or one folder below",
-        )
-    for split, paths in found.items():
-        if len(paths) > 1:
-            raise SourceError(
-                src, f"several {split}.jsonl files: " + ", ".join(str(p) for p in paths)
-            )
-    return {split: paths[0] for split, paths in found.items()}
 
 
 def meme_id(value: Any) -> str | None:
@@ -121,83 +93,44 @@ class ImageFinder:
         return None
 
 
-class HatefulMemesConverter(ImageRecordsConverter):
+class HatefulMemesConverter(LabeledRowsConverter):
     name = NAME
-    help = (
-        "Hateful Memes: train/dev_seen/dev_unseen/test_seen/test_unseen.jsonl and img/.\n\n"
-        + __doc__.split("\n\n", 1)[1]
+    help = help_from_docstring(
+        "Hateful Memes: train/dev_seen/dev_unseen/test_seen/test_unseen.jsonl and img/.", __doc__
     )
     options = [
-        click.Option(
-            ["--images_dir"],
-            type=click.Path(file_okay=False, path_type=Path),
-            default=None,
-            help="Folder holding the meme images (img/) when `img` does not resolve in SRC.",
-        ),
+        images_dir_option("Folder holding the meme images (img/) when `img` does not resolve."),
         answer_words_option("not hateful, hateful"),
     ]
+    splits = SPLITS
+    suffix = ".jsonl"
+    search_depth = 1
+    metrics = METRICS
+    num_crops = NUM_CROPS
+    parse_label = staticmethod(parse_label)
+    finder_class = ImageFinder
 
-    def plan(self, src: Path, options: Mapping[str, Any]) -> Plan:
-        words = parse_answer_words(options.get("answer_words"))
-        finder = ImageFinder(src, path_option(options, "images_dir"))
-        groups = RecordGroups()
-        skipped: list[Skipped] = []
-        unlabeled: list[str] = []
-        for split, path in find_annotation_files(src).items():
-            rows = list(iter_json_lines(path))
-            labeled = any(isinstance(parse_label(row.data.get("label")), int) for row in rows)
-            if not labeled:
-                unlabeled.append(split)
-            for row in rows:
-                reason = _plan_row(row, split, labeled, words, finder, groups)
-                if reason is not None:
-                    skipped.append(Skipped(split, row.where, reason))
-        return Plan(
-            items=groups.items(),
-            skipped=skipped,
-            info={
-                "metrics": METRICS,
-                "num_crops": NUM_CROPS,
-                "answer_words": words,
-                "unlabeled_splits": unlabeled,
-            },
+    def plan_row(self, row: RawRow, context: RowContext) -> str | None:
+        split, finder = context.split, context.finder
+        img = text_field(row, "img")
+        if img is None:
+            return "img: missing or empty (the image is never guessed from the id)"
+        identifier = meme_id(row.data.get("id")) or Path(img).stem
+        found = finder.find(row.path, img)
+        if found is None:
+            return f"image: missing {img} (id {identifier})"
+        text = row.data.get("text")
+        name = Path(img.replace("\\", "/")).stem
+        record = make_record(
+            f"{split}-{identifier}",
+            NAME,
+            user_text(text.strip() if isinstance(text, str) else None, context.words),
+            context.answer,
+            label=context.label,
         )
-
-
-def _plan_row(
-    row: RawRow,
-    split: str,
-    labeled: bool,
-    words: Mapping[str, str],
-    finder: ImageFinder,
-    groups: RecordGroups,
-) -> str | None:
-    """Add one meme; returns why it is skipped instead, if it is."""
-    if row.problem:
-        return row.problem
-    img = text_field(row, "img")
-    if img is None:
-        return "img: missing or empty (the image is never guessed from the id)"
-    identifier = meme_id(row.data.get("id")) or Path(img).stem
-    label = parse_label(row.data.get("label"))
-    if isinstance(label, str):
-        return f"{label} (id {identifier})"
-    if label is None and labeled:
-        return f"label: missing, in a labelled split (id {identifier})"
-    text = row.data.get("text")
-    text = text.strip() if isinstance(text, str) else None
-    found = finder.find(row.path, img)
-    if found is None:
-        return f"image: missing {img} (id {identifier})"
-    name = Path(img.replace("\\", "/")).stem
-    record = make_record(
-        f"{split}-{identifier}",
-        NAME,
-        user_text(text, words),
-        words[str(label)] if label is not None else "",
-        label=label,
-    )
-    return groups.add(split, name, ((f"{split}/{name}", ImageFile(str(found))),), record)
+        return context.groups.add(
+            split, name, ((f"{split}/{name}", ImageFile(str(found))),), record
+        )
 
 
 CONVERTER = HatefulMemesConverter

@@ -26,20 +26,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import click
-
-from phi3v_data.convert import Plan, Skipped, SourceError
-
 from ._image_records import (
     ImageFile,
-    ImageRecordsConverter,
-    RecordGroups,
+    LabeledRowsConverter,
+    RowContext,
     answer_words_option,
+    help_from_docstring,
+    images_dir_option,
     make_record,
-    parse_answer_words,
-    path_option,
 )
-from ._raw_tables import RawRow, iter_json_lines, text_field
+from ._raw_tables import RawRow, text_field
 
 NAME = "nlvr2"
 SPLITS = ["train", "dev", "test1", "test2"]
@@ -57,27 +53,6 @@ def user_text(sentence: str, words: Mapping[str, str]) -> str:
         f"Statement: {sentence}\n"
         f"Is the statement true? Answer {words['1']} or {words['0']}."
     )
-
-
-def find_annotation_files(src: Path) -> dict[str, Path]:
-    """split -> annotation file, looked for in SRC and up to two folders below (sorted)."""
-    found: dict[str, list[Path]] = {}
-    for pattern in ("{}.json", "*/{}.json", "*/*/{}.json"):
-        for split in SPLITS:
-            for path in sorted(src.glob(pattern.format(split))):
-                if path.is_file():
-                    found.setdefault(split, []).append(path)
-        if found:
-            break
-    if not found:
-        raise SourceError(
-            src, "no NLVR2 annotations: expected train.json, dev.json, test1.json or test2.json"
-        )
-    for split, paths in found.items():
-        if len(paths) > 1:
-            listed = ", ".join(str(path) for path in paths)
-            raise SourceError(src, f"several {split}.json files: {listed}")
-    return {split: found[split][0] for split in SPLITS if split in found}
 
 
 def parse_label(value: Any) -> int | None | str:
@@ -133,91 +108,52 @@ def _directory(row: RawRow) -> str | None:
     return None
 
 
-class NLVR2Converter(ImageRecordsConverter):
+class NLVR2Converter(LabeledRowsConverter):
     name = NAME
-    help = (
-        "NLVR2: official JSON-lines files (train/dev/test1/test2.json) and their image pairs.\n\n"
-        + __doc__.split("\n\n", 1)[1]
+    help = help_from_docstring(
+        "NLVR2: official JSON-lines files (train/dev/test1/test2.json) and their image pairs.",
+        __doc__,
     )
     options = [
-        click.Option(
-            ["--images_dir"],
-            type=click.Path(file_okay=False, path_type=Path),
-            default=None,
-            help="Root of the image folders (holding train/, dev/, ...) when it is not SRC.",
-        ),
+        images_dir_option("Root of the image folders (holding train/, dev/, ...) when not SRC."),
         answer_words_option("False, True"),
     ]
+    splits = SPLITS
+    suffix = ".json"
+    search_depth = 2
+    metrics = METRICS
+    num_crops = NUM_CROPS
+    parse_label = staticmethod(parse_label)
+    finder_class = ImageFinder
 
-    def plan(self, src: Path, options: Mapping[str, Any]) -> Plan:
-        words = parse_answer_words(options.get("answer_words"))
-        finder = ImageFinder(src, path_option(options, "images_dir"))
-        groups = RecordGroups()
-        skipped: list[Skipped] = []
-        unlabeled: list[str] = []
-        for split, path in find_annotation_files(src).items():
-            rows = list(iter_json_lines(path))
-            labeled = any(isinstance(parse_label(row.data.get("label")), int) for row in rows)
-            if not labeled:
-                unlabeled.append(split)
-            for row in rows:
-                reason = _plan_row(row, split, labeled, words, finder, groups)
-                if reason is not None:
-                    skipped.append(Skipped(split, row.where, reason))
-        return Plan(
-            items=groups.items(),
-            skipped=skipped,
-            info={
-                "metrics": METRICS,
-                "num_crops": NUM_CROPS,
-                "answer_words": words,
-                "unlabeled_splits": unlabeled,
-            },
+    def plan_row(self, row: RawRow, context: RowContext) -> str | None:
+        split, finder = context.split, context.finder
+        identifier = text_field(row, "identifier")
+        match = IDENTIFIER.match(identifier or "")
+        if match is None:
+            return f"identifier: {identifier!r} is not <split>-<set>-<pair>-<sentence>"
+        sentence = text_field(row, "sentence")
+        if sentence is None:
+            return f"sentence: missing or empty ({identifier})"
+        pair = f"{match['split']}-{match['set']}-{match['pair']}"
+        directory = _directory(row) if split == "train" else None
+        folder = f"{split}/{directory}" if directory is not None else split
+        images = []
+        for side in ("img0", "img1"):
+            found = finder.find(split, directory, f"{pair}-{side}")
+            if found is None:
+                return f"image: missing {pair}-{side}.png ({identifier})"
+            images.append((f"{folder}/{pair}-{side}", ImageFile(str(found))))
+        record = make_record(
+            identifier,  # type: ignore[arg-type]
+            NAME,
+            user_text(sentence, context.words),
+            context.answer,
+            label=context.label,
+            group=f"{match['split']}-{match['set']}--{match['sentence']}",
         )
-
-
-def _plan_row(
-    row: RawRow,
-    split: str,
-    labeled: bool,
-    words: Mapping[str, str],
-    finder: ImageFinder,
-    groups: RecordGroups,
-) -> str | None:
-    """Add one statement to its image pair; returns why it is skipped instead, if it is."""
-    if row.problem:
-        return row.problem
-    identifier = text_field(row, "identifier")
-    match = IDENTIFIER.match(identifier or "")
-    if match is None:
-        return f"identifier: {identifier!r} is not <split>-<set>-<pair>-<sentence>"
-    sentence = text_field(row, "sentence")
-    if sentence is None:
-        return f"sentence: missing or empty ({identifier})"
-    label = parse_label(row.data.get("label"))
-    if isinstance(label, str):
-        return f"{label} ({identifier})"
-    if label is None and labeled:
-        return f"label: missing, in a labelled split ({identifier})"
-    pair = f"{match['split']}-{match['set']}-{match['pair']}"
-    directory = _directory(row) if split == "train" else None
-    folder = f"{split}/{directory}" if directory is not None else split
-    images = []
-    for side in ("img0", "img1"):
-        found = finder.find(split, directory, f"{pair}-{side}")
-        if found is None:
-            return f"image: missing {pair}-{side}.png ({identifier})"
-        images.append((f"{folder}/{pair}-{side}", ImageFile(str(found))))
-    record = make_record(
-        identifier,
-        NAME,
-        user_text(sentence, words),
-        words[str(label)] if label is not None else "",
-        label=label,
-        group=f"{match['split']}-{match['set']}--{match['sentence']}",
-    )
-    key = pair if directory is None else f"{directory}/{pair}"
-    return groups.add(split, key, tuple(images), record)
+        key = pair if directory is None else f"{directory}/{pair}"
+        return context.groups.add(split, key, tuple(images), record)
 
 
 CONVERTER = NLVR2Converter

@@ -141,8 +141,8 @@ def test_unusable_rows_are_skipped_with_reasons(tmp_path: Path):
     assert records[1]["conversations"][0]["user"] == "Is this meme hateful? Answer yes or no."
     assert records[1]["label"] == 1
     reasons = "\n".join(report_reasons(out))
-    assert "label: missing, in a labelled split (id 01235)" in reasons
-    assert "label: 2 is not 0 or 1 (id 01236)" in reasons
+    assert "label: missing, in a labelled split" in reasons
+    assert "label: 2 is not 0 or 1" in reasons
     assert "image: missing img/01237.png (id 01237)" in reasons
     assert "img: missing or empty (the image is never guessed from the id)" in reasons
     assert "01239.png: not an image" in reasons
@@ -184,7 +184,8 @@ def test_src_without_annotations_is_refused(tmp_path: Path):
     (tmp_path / "src/img").mkdir(parents=True)
     result = convert("hateful_memes", tmp_path / "src", tmp_path / "out")
     assert result.exit_code == 2
-    assert "no Hateful Memes annotations" in result.output and "Traceback" not in result.output
+    assert "no annotation file found: expected one of train.jsonl" in result.output
+    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize(
