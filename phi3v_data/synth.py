@@ -156,7 +156,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float, fourcc: str) -
         temp.unlink(missing_ok=True)
 
 
-def test_groups(fold: int, groups: int) -> list[int]:
+def held_out_groups(fold: int, groups: int) -> list[int]:
     """Groups (1-based) held out for test in ``fold``: a block of ~28% of the groups per fold."""
     per_fold = min(groups - 1, max(1, round(groups * 7 / 25)))
     return sorted({((fold - 1) * per_fold + j) % groups + 1 for j in range(per_fold)})
@@ -204,7 +204,7 @@ def synth_ucf101(
     split_dir = out / SPLITS_DIRNAME
     write_atomic(split_dir / "classInd.txt", _crlf([f"{i} {n}" for i, n in enumerate(names, 1)]))
     for fold in range(1, FOLDS + 1):
-        held_out = set(test_groups(fold, groups))
+        held_out = set(held_out_groups(fold, groups))
         train = [f"{rel} {index}" for index, rel, group in listing if group not in held_out]
         test = [rel for _, rel, group in listing if group in held_out]
         write_atomic(split_dir / f"trainlist0{fold}.txt", _crlf(train))
