@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from image_converter_helpers import (
+    PHI3V_DATA,
     assert_converted,
     assert_valid,
     convert,
@@ -22,6 +28,7 @@ from image_converter_helpers import (
     write_image,
 )
 from phi3v_data.builtin_converters.docvqa import page_name, question_id
+from PIL import Image
 
 
 def _record(qid: int, doc: str, page: str, question: str, answers: list[str] | None) -> dict:
@@ -293,3 +300,44 @@ def test_normalisers():
     )
     assert page_name({"ucsf_document_id": "pybv0228", "ucsf_document_page_no": 81}) == "pybv0228_81"
     assert page_name({"image": "documents/xnbl0037_1.png"}) == "xnbl0037_1"
+
+
+def test_killed_parquet_conversion_resumes_to_the_same_bytes(tmp_path: Path):
+    """SIGKILL part way through a parquet conversion; the rerun equals an uninterrupted run."""
+    rng = np.random.default_rng(0)
+    pages, records = {}, []
+    for index in range(240):
+        name = f"page{index:04d}_1.png"
+        buffer = io.BytesIO()
+        noise = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(buffer, format="PNG")
+        pages[name] = buffer.getvalue()
+        for question in range(2):  # two questions per page: items of two records
+            qid = 10 * index + question
+            records.append(_record(qid, f"page{index:04d}", "1", f"Question {qid}?", [f"a{qid}"]))
+    src = tmp_path / "hf"
+    _write_parquet(
+        src / "data/validation-00000-of-00001.parquet", records, pages, row_group_size=50
+    )
+    args = ["convert", "docvqa", str(src), "--workers", "2", "--out_dir"]
+
+    reference = tmp_path / "reference"
+    assert_converted(run_cli(*args, reference))
+
+    out = tmp_path / "killed"
+    journal = out / ".phi3v-convert" / "journal.jsonl"
+    process = subprocess.Popen([PHI3V_DATA, *args, str(out)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if journal.is_file() and journal.read_bytes().count(b"\n") >= 20:
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, "the conversion ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "docvqa_val.jsonl").exists()
+    done = journal.read_bytes().count(b"\n")
+    assert 20 <= done < 240
+
+    assert_converted(run_cli(*args, out))
+    assert tree_bytes(out) == tree_bytes(reference)
