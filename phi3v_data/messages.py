@@ -9,6 +9,7 @@ for bytes that are not UTF-8, ``(record)`` for a line that is valid JSON but not
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -40,8 +41,12 @@ def one_line(text: str) -> str:
 
 
 def _field_part(part: str | int) -> str:
+    """A key as it can stand in a field path: quoted, without whitespace, when not a name."""
     text = str(part)
-    return text if text.isidentifier() or text.isdigit() else shorten(text, 40)
+    if text.isidentifier() or text.isdigit():
+        return text
+    quoted = json.dumps(text if len(text) <= 40 else text[:37] + "...")
+    return re.sub(r"\s", lambda match: f"\\u{ord(match.group()):04x}", quoted)
 
 
 def json_type(value: Any) -> str:
