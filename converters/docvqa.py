@@ -140,22 +140,24 @@ def read_rrc_rows(path: Path) -> list[RawRow]:
 
 def read_parquet_rows(path: Path) -> Iterator[tuple[RawRow, int, int]]:
     """The text columns of one HF parquet shard: (row, row group, row within the group)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
-    except (OSError, ValueError) as error:
+        available = set(parquet.schema_arrow.names)
+        for required in ("questionId", "question", "image"):
+            if required not in available:
+                raise SourceError(path, "missing column", field=required)
+        columns = [name for name in PARQUET_TEXT_COLUMNS if name in available]
+        index = 0
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group, columns=columns)
+            for position, row in enumerate(table.to_pylist()):
+                yield RawRow(path, None, index, row), group, position
+                index += 1
+    except (OSError, pa.ArrowException) as error:
         raise SourceError(path, f"not a readable parquet file ({_first_line(error)})") from None
-    available = set(parquet.schema_arrow.names)
-    for required in ("questionId", "question", "image"):
-        if required not in available:
-            raise SourceError(path, "missing column", field=required)
-    columns = [name for name in PARQUET_TEXT_COLUMNS if name in available]
-    index = 0
-    for group in range(parquet.num_row_groups):
-        for position, row in enumerate(parquet.read_row_group(group, columns=columns).to_pylist()):
-            yield RawRow(path, None, index, row), group, position
-            index += 1
 
 
 def answer_list(value: Any) -> list[str]:
@@ -292,7 +294,7 @@ class ParquetImage:
             _ROW_GROUP_CACHE.clear()  # items arrive in plan order: keep one row group only
             _ROW_GROUP_CACHE[key] = table.column("image").to_pylist()
         value = _ROW_GROUP_CACHE[key][self.row]
-        data = value.get("bytes") if isinstance(value, dict) else None
+        data = value.get("bytes") if isinstance(value, dict) else value  # HF Image struct or bytes
         if not isinstance(data, bytes) or not data:
             raise UnusableImage("no image bytes in the parquet row")
         return data

@@ -341,3 +341,13 @@ def test_killed_parquet_conversion_resumes_to_the_same_bytes(tmp_path: Path):
 
     assert_converted(run_cli(*args, out))
     assert tree_bytes(out) == tree_bytes(reference)
+
+
+def test_corrupt_parquet_shard_is_one_line_error(tmp_path: Path):
+    shard = tmp_path / "hf/data/validation-00000-of-00001.parquet"
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(b"PAR1" + bytes(range(256)) * 8)
+    result = convert("docvqa", tmp_path / "hf", tmp_path / "out")
+    assert result.exit_code == 2
+    assert f"{shard}: not a readable parquet file" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
