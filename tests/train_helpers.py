@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -110,3 +111,15 @@ def base_args(model_dir: Path, data_dir: Path, out_dir: Path, **overrides: objec
         elif value is not None:
             args += [f"--{key}", str(value)]
     return args
+
+
+_TINY_CACHE: dict[str, Path] = {}
+
+
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset, written once per test process (call it from a module's fixture)."""
+    if "dir" not in _TINY_CACHE:
+        from phi3v_train.tiny import make_tiny
+
+        _TINY_CACHE["dir"] = make_tiny(tmp_path_factory.mktemp("tiny") / "model")
+    return _TINY_CACHE["dir"]
