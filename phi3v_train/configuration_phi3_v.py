@@ -21,6 +21,7 @@ from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPVisionConfig, Phi3Config
+from transformers.utils import is_flash_attn_2_available
 
 # The vision tower of every released Phi-3(.5)-vision checkpoint (hard-coded in the official code).
 CLIP_VIT_L_14_336 = {
@@ -86,6 +87,12 @@ class Phi3VConfig(Phi3Config):
         if not isinstance(self.vision_config, CLIPVisionConfig):
             self.vision_config = vision_config_from_img_processor(self.img_processor)
         self.img_processor.pop("vision_config", None)
+        # The official config.json stores `_attn_implementation: flash_attention_2`: a preference,
+        # honoured only where flash-attn can run (an explicit request still fails loudly).
+        stored = kwargs.pop("_attn_implementation", None)
+        usable = stored != "flash_attention_2" or is_flash_attn_2_available()
+        if stored and usable and "attn_implementation" not in kwargs:
+            kwargs["attn_implementation"] = stored
         super().__post_init__(**kwargs)
 
     @property
