@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 from image_converter_helpers import (
     PHI3V_DATA,
     assert_converted,
@@ -29,6 +30,8 @@ from image_converter_helpers import (
 )
 from phi3v_data.builtin_converters.docvqa import page_name, question_id
 from PIL import Image
+
+from phi3v_data.convert import convert_command
 
 
 def _record(qid: int, doc: str, page: str, question: str, answers: list[str] | None) -> dict:
@@ -351,3 +354,18 @@ def test_corrupt_parquet_shard_is_one_line_error(tmp_path: Path):
     assert result.exit_code == 2
     assert f"{shard}: not a readable parquet file" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_listed_with_help():
+    listed = CliRunner().invoke(convert_command, ["--list"])
+    names = [line.split()[0] for line in listed.output.splitlines()]
+    assert {"docvqa", "nlvr2", "hateful_memes"} <= set(names)
+    for name, options in {
+        "docvqa": ["--images_dir", "--format", "Answer briefly."],
+        "nlvr2": ["--images_dir", "--answer_words", "img0", "consistency"],
+        "hateful_memes": ["--images_dir", "--answer_words", "unlabeled_splits"],
+    }.items():
+        helped = CliRunner().invoke(convert_command, [name, "--help"], terminal_width=100)
+        assert helped.exit_code == 0
+        for option in ["--out_dir", "--workers", "--overwrite", *options]:
+            assert option in helped.output, (name, option)
