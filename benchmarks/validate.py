@@ -7,8 +7,9 @@ times by ``--records`` records, 90% train / 10% test, half UCF-101-like (8 frame
 prompt, a class answer), half DocVQA-like (1 page, a question, several answers); a few records
 have 1-7 images. Then, each in a fresh subprocess so that peak RSS is its own:
 
-1. schema + path checks (``validate_dataset(check_images=False)``) on the whole dataset and on its
-   first 10% (peak RSS of both shows how memory grows with the number of records);
+1. schema + path checks (``validate_dataset(check_images=False)``) on the whole dataset with one
+   worker process per core and with one process, and on its first 10% (peak RSS of both shows
+   how memory grows with the number of records);
 2. image header checks (``ImageChecker(content="header")``) on every distinct image;
 3. the naive baseline: ``json.loads`` + ``jsonschema.Draft202012Validator`` with
    ``schemas/record.schema.json`` + ``os.path.exists`` per image, on the first ``--baseline``
@@ -30,6 +31,8 @@ import time
 from pathlib import Path
 
 import orjson
+
+from phi3v_data.validate import available_cores
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [f"Class{index:03d}" for index in range(101)]
@@ -104,19 +107,28 @@ def head_dataset(source: Path, target: Path, fraction: float) -> None:
     (target / "images").symlink_to(source / "images")
     for split_file in source.glob("*.jsonl"):
         with split_file.open("rb") as stream:
-            lines = stream.readlines()
-        (target / split_file.name).write_bytes(b"".join(lines[: int(len(lines) * fraction)]))
+            total = sum(1 for _ in stream)
+            stream.seek(0)
+            with (target / split_file.name).open("wb") as head:
+                for _, line in zip(range(int(total * fraction)), stream, strict=False):
+                    head.write(line)
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS of this process: VmHWM on Linux (getrusage's ru_maxrss survives exec, so it would
+    report the parent's peak), ru_maxrss elsewhere."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_validate(data_dir: Path) -> dict:
+def measure_validate(data_dir: Path, jobs: int) -> dict:
     from phi3v_data.validate import validate_dataset
 
     started = time.perf_counter()
-    report = validate_dataset(data_dir, check_images=False)
+    report = validate_dataset(data_dir, check_images=False, jobs=jobs)
     seconds = time.perf_counter() - started
     assert report.ok, report.format_text()[:2000]
     records = report.summary.records
@@ -125,6 +137,7 @@ def measure_validate(data_dir: Path) -> dict:
         "seconds": seconds,
         "rate": records / seconds,
         "rss": peak_rss_mib(),
+        "worker_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
 
 
@@ -173,7 +186,7 @@ def measure_baseline(data_dir: Path, limit: int) -> dict:
 def child(argv: list[str]) -> None:
     kind, data_dir = argv[0], Path(argv[1])
     if kind == "validate":
-        result = measure_validate(data_dir)
+        result = measure_validate(data_dir, int(argv[2]))
     elif kind == "headers":
         result = measure_headers(data_dir)
     else:
@@ -209,21 +222,23 @@ def main() -> None:
             f"built {args.records:,} records ({size / 2**20:.0f} MiB jsonl), {args.images:,} "
             f"JPEG images, in {time.perf_counter() - started:.1f} s"
         )
-        ours = run_child("validate", str(full))
-        ours_small = run_child("validate", str(small))
+        jobs = available_cores()
+        ours = run_child("validate", str(full), str(jobs))
+        ours_one = run_child("validate", str(full), "1")
+        ours_small = run_child("validate", str(small), str(jobs))
         headers = run_child("headers", str(full))
         baseline = run_child("baseline", str(full), str(args.baseline))
-        growth = (
-            (ours["rss"] - ours_small["rss"]) * 2**20 / (ours["records"] - ours_small["records"])
-        )
+        extra_records = ours["records"] - ours_small["records"]
+        growth = (ours["rss"] - ours_small["rss"]) * 2**20 / extra_records
+        for result, processes in ((ours, jobs), (ours_one, 1)):
+            print(
+                f"schema + path checks, {processes} process(es): {result['rate']:,.0f} records/s "
+                f"({result['records']:,} records in {result['seconds']:.1f} s)"
+            )
         print(
-            f"schema + path checks: {ours['rate']:,.0f} records/s "
-            f"({ours['records']:,} records in {ours['seconds']:.1f} s, 1 process)"
-        )
-        print(
-            f"peak RSS: {ours['rss']:.0f} MiB at {ours['records']:,} records, "
+            f"peak RSS (main process): {ours['rss']:.0f} MiB at {ours['records']:,} records, "
             f"{ours_small['rss']:.0f} MiB at {ours_small['records']:,} "
-            f"({growth:.0f} bytes per extra record)"
+            f"({growth:.0f} bytes per extra record); largest worker {ours['worker_rss']:.0f} MiB"
         )
         print(
             f"image header checks: {headers['rate']:,.0f} images/s "
@@ -234,7 +249,11 @@ def main() -> None:
             f"{baseline['rate']:,.0f} records/s on the first {baseline['records']:,} records, "
             f"extrapolated: {ours['records'] / baseline['rate']:.0f} s for {ours['records']:,}"
         )
-        print(f"ratio: {ours['rate'] / baseline['rate']:.1f}x the baseline's records/s")
+        print(
+            f"ratio: {ours['rate'] / baseline['rate']:.1f}x the baseline's records/s "
+            f"({ours_one['rate'] / baseline['rate']:.1f}x with 1 process)"
+        )
+        print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
