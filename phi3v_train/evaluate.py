@@ -1,0 +1,435 @@
+"""Evaluate a model on one split by greedy generation: ``phi3v-train eval`` and :func:`evaluate_split`.
+
+The evaluation of the original recipe, batched: every record becomes the recipe's generation
+prompt (all turns but the last with their answers, the last user turn with the generation prompt;
+:func:`phi3v_train.data.encode_for_generation`), batches are left-padded, decoding is greedy and
+stops at ``<|end|>`` or ``<|endoftext|>``, and the text after the prompt is the prediction.
+
+Under ``torch.distributed`` every rank evaluates the strided shard ``records[rank::world]`` and the
+per-example results are gathered on every rank (so rank 0 holds them all) before the metrics are
+computed. Which metrics: ``dataset.json`` ``metrics`` unless overridden (:mod:`phi3v_train.metrics`).
+For AUROC the probability of the positive answer word (``answer_words["1"]``) is read from the
+logits of the first generated position.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+import torch
+from torch.utils.data import DataLoader
+
+from phi3v_data.convert import write_atomic
+from phi3v_data.dataset import (
+    INFO_FILENAME,
+    DatasetError,
+    find_splits,
+    images_root,
+    iter_records,
+    load_info,
+)
+from phi3v_data.schema import DatasetInfo, Record
+from phi3v_train import metrics as metric_fns
+from phi3v_train.data import GenerationCollator, GenerationDataset
+
+#: Generation stops at the end of the assistant turn or at the end of text.
+STOP_TOKENS = ("<|end|>", "<|endoftext|>")
+
+
+@dataclass
+class ExampleResult:
+    """One evaluated example: what was asked for, what came out, and its score."""
+
+    id: str
+    prediction: str
+    references: list[str]
+    score: float
+    label: int | None = None
+    group: str | None = None
+    positive_prob: float | None = None
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one split plus the per-example results they were computed from."""
+
+    split: str
+    metrics: dict[str, float]
+    examples: list[ExampleResult] = field(default_factory=list)
+    score_name: str = "accuracy"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "split": self.split,
+            "num_examples": len(self.examples),
+            "metrics": {name: _finite_or_none(value) for name, value in self.metrics.items()},
+            "score": self.score_name,
+            "examples": [
+                {key: value for key, value in asdict(example).items() if value is not None}
+                for example in self.examples
+            ],
+        }
+
+    def write_json(self, path: Path) -> None:
+        """Write the result to ``path`` atomically (a temporary name, then a rename)."""
+        write_atomic(Path(path), orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2) + b"\n")
+
+    def format_table(self) -> str:
+        """A small text table: one line per metric, values in percent like the original README."""
+        width = max([len("metric"), *(len(name) for name in self.metrics)])
+        lines = [
+            f"split {self.split}: {len(self.examples)} examples",
+            f"{'metric':<{width}}  value",
+        ]
+        for name, value in self.metrics.items():
+            shown = "n/a" if math.isnan(value) else f"{100 * value:.2f}"
+            lines.append(f"{name:<{width}}  {shown}")
+        return "\n".join(lines)
+
+
+def evaluate_split(
+    model: torch.nn.Module,
+    processor: Any,
+    data_dir: Path,
+    split: str,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    max_samples: int | None = None,
+    metrics: Sequence[str] | None = None,
+    num_workers: int = 0,
+) -> EvalResult:
+    """Generate an answer for every record of ``split`` and score it.
+
+    ``metrics`` overrides ``dataset.json``'s list; ``num_workers`` DataLoader processes decode
+    images. Raises :class:`DatasetError` for bad data.
+    """
+    data_dir = Path(data_dir)
+    info = load_info(data_dir)
+    names = metric_fns.resolve_metric_names(metrics or info.metrics)
+    split_path = _split_path(data_dir, split)
+    numbered = list(iter_records(split_path, info=info, split=split))
+    if max_samples is not None:
+        numbered = numbered[:max_samples]
+    _check_metric_inputs(names, numbered, info, data_dir, split_path)
+    records = [record for _, record in numbered]
+
+    tokenizer = processor.tokenizer
+    positive_token = None
+    if "auroc" in names:
+        positive_token = tokenizer(info.answer_words["1"], add_special_tokens=False).input_ids[0]
+
+    rank, world = _rank_and_world()
+    shard = list(range(len(records)))[rank::world]
+    loader = DataLoader(
+        GenerationDataset([records[index] for index in shard], processor, images_root(data_dir)),
+        batch_size=batch_size,
+        collate_fn=GenerationCollator(tokenizer.pad_token_id),
+        num_workers=num_workers,
+    )
+    texts: list[str] = []
+    probs: list[float | None] = []
+    for batch in loader:
+        batch_texts, batch_probs = generate_batch(
+            model, tokenizer, batch, max_new_tokens=max_new_tokens, positive_token=positive_token
+        )
+        texts.extend(batch_texts)
+        probs.extend(batch_probs)
+    local = list(zip(shard, texts, probs, strict=True))
+    gathered = _gather(local, world)
+    predictions = {index: (text, prob) for index, text, prob in gathered}
+
+    score_name = "anls" if "anls" in names else "accuracy"
+    examples = []
+    for index, record in enumerate(records):
+        text, prob = predictions[index]
+        references = record.references
+        if score_name == "anls":
+            score = metric_fns.anls_score(text, references)
+        else:
+            score = metric_fns.exact_match(text, references)
+        examples.append(
+            ExampleResult(
+                id=record.id,
+                prediction=text,
+                references=references,
+                score=score,
+                label=record.label,
+                group=record.group,
+                positive_prob=prob,
+            )
+        )
+    return EvalResult(split, compute_metrics(names, examples), examples, score_name)
+
+
+def compute_metrics(names: Sequence[str], examples: Sequence[ExampleResult]) -> dict[str, float]:
+    """The named metrics over per-example results (names already resolved)."""
+    predictions = [example.prediction for example in examples]
+    references = [example.references for example in examples]
+    results: dict[str, float] = {}
+    for name in names:
+        if name == "accuracy":
+            results[name] = metric_fns.accuracy(predictions, references)
+        elif name == "anls":
+            results[name] = metric_fns.anls(predictions, references)
+        elif name == "auroc":
+            labels = [int(example.label) for example in examples]
+            results[name] = metric_fns.auroc(labels, [ex.positive_prob for ex in examples])
+        elif name == "consistency":
+            groups = [example.group or f"id:{example.id}" for example in examples]
+            correct = [
+                metric_fns.exact_match(p, r) for p, r in zip(predictions, references, strict=True)
+            ]
+            results[name] = metric_fns.consistency(groups, correct)
+    return results
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    batch: dict[str, Any],
+    *,
+    max_new_tokens: int = 64,
+    positive_token: int | None = None,
+) -> tuple[list[str], list[float | None]]:
+    """Greedy answers for one left-padded batch, and P(positive token) at the first step."""
+    inputs = _to_model(batch, model)
+    stop_ids = [tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
+    output = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        return_dict_in_generate=True,
+        output_logits=positive_token is not None,
+    )
+    new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
+    texts = tokenizer.batch_decode(
+        new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )
+    if positive_token is None:
+        return texts, [None] * len(texts)
+    first_step = output.logits[0].float().softmax(dim=-1)[:, positive_token]
+    return texts, first_step.tolist()
+
+
+def _to_model(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    inputs = {}
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes"):
+        value = batch.get(key)
+        if value is None:
+            continue
+        value = value.to(device)
+        if key == "pixel_values" and dtype.is_floating_point:
+            value = value.to(dtype)
+        inputs[key] = value
+    return inputs
+
+
+def _check_metric_inputs(
+    names: Sequence[str],
+    numbered: Sequence[tuple[int, Record]],
+    info: DatasetInfo,
+    data_dir: Path,
+    split_path: Path,
+) -> None:
+    """Fail early, naming file, line and field, when the data cannot give a requested metric."""
+    if "auroc" not in names:
+        return
+    if not info.answer_words or "1" not in info.answer_words:
+        raise DatasetError(
+            data_dir / INFO_FILENAME, 0, "answer_words", "auroc needs answer_words['1']"
+        )
+    for line, record in numbered:
+        if record.label is None:
+            raise DatasetError(split_path, line, "label", "auroc needs a label on every record")
+
+
+def _split_path(data_dir: Path, split: str) -> Path:
+    splits = find_splits(data_dir)
+    if split not in splits:
+        known = ", ".join(sorted(splits)) or "none"
+        raise DatasetError(data_dir, 0, "(split)", f"no split {split!r} (found: {known})")
+    return splits[split]
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather(local: list[Any], world: int) -> list[Any]:
+    if world == 1:
+        return local
+    shards: list[list[Any] | None] = [None] * world
+    torch.distributed.all_gather_object(shards, local)
+    return [item for shard in shards for item in shard or []]
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def load_for_inference(
+    model_path: str | Path,
+    *,
+    adapter: Path | None = None,
+    num_crops: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.nn.Module, Any]:
+    """Load a model directory (plus an optional LoRA/DoRA adapter) and its processor, in eval mode.
+
+    The processor comes from the adapter directory when the trainer saved one there, else from
+    the model; ``num_crops`` overrides the one in ``preprocessor_config.json``.
+    """
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype or torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    processor_source = model_path
+    if adapter is not None and (Path(adapter) / "preprocessor_config.json").is_file():
+        processor_source = adapter
+    options = {"num_crops": num_crops} if num_crops is not None else {}
+    processor = AutoProcessor.from_pretrained(processor_source, **options)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, processor
+
+
+def _init_distributed() -> torch.device:
+    """Join the process group under torchrun (``WORLD_SIZE`` > 1); return this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, name)
+
+
+@click.command("eval")
+@click.option("--model", "model_path", required=True, help="Model directory (or hub id).")
+@click.option(
+    "--adapter",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="LoRA/DoRA adapter directory written by phi3v-train.",
+)
+@click.option(
+    "--data_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Dataset directory (conversations-jsonl).",
+)
+@click.option("--split", required=True, help="Split to evaluate, e.g. val.")
+@click.option("--batch_size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max_new_tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max_samples", type=click.IntRange(min=1), help="Evaluate the first N records.")
+@click.option(
+    "--metrics",
+    "metric_list",
+    help="Comma-separated metrics overriding dataset.json: "
+    + ", ".join(metric_fns.METRIC_NAMES)
+    + ".",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON file for metrics and per-example results [default: eval_<split>.json].",
+)
+@click.option("--num_crops", type=click.IntRange(1, 16), help="Override the processor's num_crops.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bfloat16 on a GPU that supports it, else float32.",
+)
+def eval_command(
+    model_path: str,
+    adapter: Path | None,
+    data_dir: Path,
+    split: str,
+    batch_size: int,
+    max_new_tokens: int,
+    max_samples: int | None,
+    metric_list: str | None,
+    out: Path | None,
+    num_crops: int | None,
+    dtype: str,
+) -> None:
+    """Evaluate a model (optionally with an adapter) on one split; print a table, write JSON.
+
+    \b
+      phi3v-train eval --model OUT --data_dir DIR --split val
+      torchrun --nproc_per_node=4 --no-python phi3v-train eval --model M --data_dir D --split val
+    """
+    names = None
+    if metric_list:
+        names = [name.strip() for name in metric_list.split(",") if name.strip()]
+        try:
+            metric_fns.resolve_metric_names(names)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--metrics") from None
+    try:
+        load_info(data_dir)
+        _split_path(data_dir, split)
+    except DatasetError as error:
+        raise click.ClickException(str(error)) from None
+    device = _init_distributed()
+    if num_crops is None:
+        num_crops = load_info(data_dir).num_crops
+    try:
+        model, processor = load_for_inference(
+            model_path,
+            adapter=adapter,
+            num_crops=num_crops,
+            dtype=_pick_dtype(dtype, device),
+            device=device,
+        )
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise click.ClickException(f"{model_path}: cannot load the model: {first_line}") from None
+    try:
+        result = evaluate_split(
+            model,
+            processor,
+            data_dir,
+            split,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            max_samples=max_samples,
+            metrics=names,
+        )
+    except DatasetError as error:
+        raise click.ClickException(str(error)) from None
+    if _rank_and_world()[0] == 0:
+        out = out or Path(f"eval_{split}.json")
+        result.write_json(out)
+        click.echo(result.format_table())
+        click.echo(f"wrote {out}")
