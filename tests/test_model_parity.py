@@ -104,6 +104,35 @@ def test_case_a_one_image_long_rope(case, inputs) -> None:
     assert abs(out.loss.item() - meta["A"]["loss"]) <= 1e-5
 
 
+def test_zero_padding_crops_are_skipped_with_identical_outputs(case, inputs) -> None:
+    """Case A re-padded to num_crops 16 (12 extra zero crops): CLIP sees only the 5 real crops
+    and the reference outputs still hold; running CLIP on every crop gives the same numbers."""
+    model, expected, meta = case
+    kwargs = image_kwargs(inputs, "A")
+    real = kwargs["pixel_values"]
+    kwargs["pixel_values"] = torch.cat([real, real.new_zeros(1, 12, *real.shape[2:])], dim=1)
+    vision = model.model.vision_embed_tokens
+    batch_sizes: list[int] = []
+    hook = vision.img_processor.register_forward_hook(
+        lambda module, args, output: batch_sizes.append(args[0].shape[0])
+    )
+    outputs = {}
+    try:
+        with torch.no_grad():
+            for skip in (True, False):
+                vision.skip_padding_crops = skip
+                outputs[skip] = model(**kwargs, labels=inputs["A.labels"])
+    finally:
+        vision.skip_padding_crops = True
+        hook.remove()
+    assert batch_sizes == [5, 17]
+    for out in outputs.values():
+        logits = out.logits[0, inputs["A.logit_positions"]]
+        assert max_abs(logits, expected["A.logits"][0]) <= 1e-4
+        assert abs(out.loss.item() - meta["A"]["loss"]) <= 1e-5
+    assert max_abs(outputs[True].logits, outputs[False].logits) <= 1e-6
+
+
 def test_case_b_batch_of_two_right_padded(case, inputs) -> None:
     model, expected, meta = case
     kwargs = image_kwargs(inputs, "B")
