@@ -236,8 +236,7 @@ class _Validation:
     def pool(self) -> ProcessPoolExecutor | None:
         """Worker processes (created on first use), or None when running in one process."""
         if self._pool is None and self.jobs > 1:
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            context = multiprocessing.get_context(_start_method())
             self._pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=context)
         return self._pool
 
@@ -368,6 +367,14 @@ class _Validation:
                 f"same image list as train record {train_path}:{train_line} (leak into {split})"
             )
             self.add(path, line, "images", message)
+
+
+def _start_method() -> str:
+    """``fork`` (instant) in a plain process; ``spawn`` where fork is missing or unsafe: a process
+    that loaded torch (the trainer) runs native thread pools that a fork would copy mid-lock."""
+    if "fork" in multiprocessing.get_all_start_methods() and "torch" not in sys.modules:
+        return "fork"
+    return "spawn"
 
 
 def _is_train(split: str | None) -> bool:

@@ -308,7 +308,10 @@ def test_problem_cap_counts_what_it_hides(tmp_path: Path) -> None:
     assert report.to_json()["problem_count"] == 7
 
 
-def test_chunks_on_worker_processes_give_the_same_report(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_chunks_on_worker_processes_give_the_same_report(
+    tmp_path: Path, monkeypatch, start_method: str
+) -> None:
     images = {f"i{index}.jpg": image_bytes() for index in range(3)}
     rows = []
     for index in range(400):
@@ -320,6 +323,7 @@ def test_chunks_on_worker_processes_give_the_same_report(tmp_path: Path, monkeyp
     dataset = write_dataset(tmp_path / "d", {"train": rows}, images=images)
     one = run_validate(dataset)
     monkeypatch.setattr(validate_module, "CHUNK_BYTES", 2000)
+    monkeypatch.setattr(validate_module, "_start_method", lambda: start_method)
     two = run_validate(dataset, jobs=2)
     assert [str(p) for p in one.problems] == [str(p) for p in two.problems]
     assert one.summary.to_json() == two.summary.to_json()
