@@ -1,0 +1,763 @@
+"""Training throughput of Phi-3.5-vision per training mode x attention implementation.
+
+Reproduces the original recipe's speed table (DocVQA-like load: one document image per sample,
+num_crops 16, about 2443 tokens per sample, micro-batch 1, gradient checkpointing on) on our stack:
+
+    python benchmarks/train_throughput.py --out benchmarks/results/h100.md
+    python benchmarks/train_throughput.py --modes full,lora --attn sdpa --steps 12
+    python benchmarks/train_throughput.py --tiny          # the same code, tiny model, CPU (CI)
+
+For every mode (full fine-tuning, frozen vision, LoRA r64, QLoRA nf4) and attention implementation
+(eager, sdpa, flash_attention_2 when importable) it reports img/s, tokens/s, model TFLOP/s, MFU
+against the GPU's dense bf16 peak and the peak GPU memory (torch.cuda.max_memory_allocated), with
+the warm-up steps excluded from the timing. Model FLOPs are counted by `phi3v_train.flops` (6·N per
+token for trained weights, 4·N for frozen weights inside the gradient path, 2·N for frozen weights
+before it, plus attention; no recomputation): about 76 TFLOP per full fine-tuning sample.
+
+What runs:
+- the model is the full-size Phi-3.5-vision architecture built from its official configuration
+  (embedded below; `--config config.json` reads another file) with random bf16 weights created
+  directly on the device; nothing is downloaded and ../shared is not needed;
+- the samples are synthetic document pages (letter and A4 portrait pages, a landscape page) run
+  through the project's real data path: `Phi3VProcessor` (the tiny preset's offline tokenizer,
+  which has the official special tokens) and `encode_for_training` + `TrainCollator`; they are
+  prepared once, moved to the device before timing, and reused in a fixed cycle (data loading is
+  not part of the measurement);
+- a training step is forward, backward, gradient clipping at 1.0 and an AdamW step, with the
+  modes set up by the trainer's own code (`phi3v_train.strategies`);
+- every mode x attention combination runs in its own subprocess (`--isolate`, the default on GPU)
+  so that an out-of-memory error, a missing bitsandbytes CUDA kernel or a crash becomes a row of
+  the table with its error and the other rows still run.
+
+Output: a markdown table on stdout; `--out FILE.md` also writes FILE.md and FILE.json (the rows
+with every figure, the machine and the versions) and keeps one log per run in FILE_logs/.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import importlib.util
+import json
+import math
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from PIL import Image, ImageDraw
+
+from phi3v_data.schema import Record
+from phi3v_train.config import TrainConfig
+from phi3v_train.configuration_phi3_v import Phi3VConfig
+from phi3v_train.data import TrainCollator, encode_for_training
+from phi3v_train.flops import ModelDims, SampleShape, Training, training_flops
+from phi3v_train.modeling_phi3_v import Phi3VForCausalLM
+from phi3v_train.processing_phi3_v import Phi3VProcessor
+from phi3v_train.strategies import apply_freezing, apply_lora, param_groups, quantization_config
+from phi3v_train.tiny import make_tiny
+
+MODES = ("full", "frozen-vision", "lora", "qlora")
+ATTENTIONS = ("eager", "sdpa", "flash_attention_2")
+GIB = 1024**3
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name;
+# the first match wins, so the specific names come before the generic ones.
+PEAK_BF16_TFLOPS = (
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H800", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+)
+
+# The original recipe's published figures (8xA100-80GB, flash attention, bf16, DocVQA-like load),
+# per GPU, for the comparison column of the table.
+ORIGINAL_PER_GPU = {
+    "full": "1.08 img/s, ~36 GB",
+    "frozen-vision": "3.96 img/s",
+    "lora": "1.51 img/s, ~16 GB",
+    "qlora": "1.31 img/s, ~10 GB",
+}
+
+# ---------------------------------------------------------------------------------------------
+# Model configurations
+# ---------------------------------------------------------------------------------------------
+
+
+def _ramp(first: float, last: float, n: int = 48) -> list[float]:
+    return [first + (last - first) * i / (n - 1) for i in range(n)]
+
+
+def official_config() -> Phi3VConfig:
+    """Phi-3.5-vision-instruct's architecture (original_recipe.md §9.1).
+
+    The LongRoPE factor lists have the official length (48) and end points but are linear ramps in
+    between: the factors change the rotary angles, not the amount of work, so speed is unaffected.
+    Pass the real config.json with --config to use the exact values.
+    """
+    return Phi3VConfig(
+        vocab_size=32064,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        hidden_act="silu",
+        rms_norm_eps=1e-5,
+        initializer_range=0.02,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_scaling={
+            "type": "su",
+            "short_factor": _ramp(1.08, 9.0),
+            "long_factor": _ramp(1.08, 64.84),
+        },
+        rope_theta=10000.0,
+        sliding_window=262144,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=32000,
+        attention_dropout=0.0,
+        embd_pdrop=0.0,
+        resid_pdrop=0.0,
+        tie_word_embeddings=False,
+        embd_layer={
+            "embedding_cls": "image",
+            "hd_transform_order": "sub_glb",
+            "projection_cls": "mlp",
+            "use_hd_transform": True,
+            "with_learnable_separator": True,
+        },
+        img_processor={
+            "image_dim_out": 1024,
+            "model_name": "openai/clip-vit-large-patch14-336",
+            "name": "clip_vision_model",
+            "num_img_tokens": 144,
+        },
+    )
+
+
+def resolve_config(config_file: str | None, tiny_dir: Path, tiny: bool) -> Phi3VConfig:
+    """--config FILE, else the tiny preset (--tiny), else the official architecture."""
+    if config_file:
+        return Phi3VConfig.from_json_file(config_file)
+    return Phi3VConfig.from_pretrained(tiny_dir) if tiny else official_config()
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic DocVQA-like samples
+# ---------------------------------------------------------------------------------------------
+
+# (width, height) of document scans at 150 dpi. The cycle gives 2413 image tokens per sample on
+# average at num_crops 16 (letter pages: 4x4 crops, 2509 tokens; A4: 4x3, 1933 tokens), which with
+# a DocVQA question and answer lands at the original's 2443 tokens per sample.
+PAGES = (
+    ("letter", (1275, 1650)),
+    ("letter", (1275, 1650)),
+    ("a4", (1240, 1754)),
+    ("letter", (1275, 1650)),
+    ("letter-landscape", (1650, 1275)),
+    ("letter", (1275, 1650)),
+)
+QUESTIONS = (
+    ("What is the date mentioned in this letter?", "March 14, 1986"),
+    ("To whom is this memorandum addressed?", "Dr. R. A. Hunter"),
+    ("What is the total amount shown in the invoice?", "$1,250.00"),
+    ("Which company name appears in the letterhead?", "Lorillard"),
+    ("What is the title of the table on this page?", "Sales summary"),
+    ("What is the page number at the bottom?", "12"),
+)
+
+
+def document_page(size: tuple[int, int], seed: int) -> Image.Image:
+    """A white page with a header block, text lines and a small table drawn in grey."""
+    generator = torch.Generator().manual_seed(seed)
+    width, height = size
+    page = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(page)
+    margin = width // 12
+    draw.rectangle([margin, margin, width // 2, margin + height // 30], fill=(40, 40, 40))
+    y = margin + height // 15
+    line_height = max(height // 60, 4)
+    while y < height - margin:
+        length = int(torch.randint(width // 3, width - 2 * margin, (1,), generator=generator))
+        draw.rectangle([margin, y, margin + length, y + line_height // 2], fill=(90, 90, 90))
+        y += line_height
+    for row in range(4):
+        for col in range(3):
+            x0 = margin + col * (width - 2 * margin) // 3
+            y0 = height // 2 + row * line_height * 2
+            draw.rectangle([x0, y0, x0 + width // 4, y0 + line_height * 2], outline=(0, 0, 0))
+    return page
+
+
+@dataclass
+class Batch:
+    """One collated micro-batch (CPU until moved) and the shapes of its samples."""
+
+    inputs: dict[str, torch.Tensor]
+    shapes: list[SampleShape]
+
+    @property
+    def tokens(self) -> int:
+        return sum(shape.seq_len for shape in self.shapes)
+
+    @property
+    def images(self) -> int:
+        return int(self.inputs["image_sizes"].shape[0])
+
+
+def sample_shape(example: dict[str, Any], crop_size: int) -> SampleShape:
+    sizes = example["image_sizes"].tolist()
+    crops = sum(1 + (h // crop_size) * (w // crop_size) for h, w in sizes)
+    ids = example["input_ids"]
+    return SampleShape(seq_len=ids.numel(), crops=crops, image_tokens=int((ids < 0).sum()))
+
+
+def synthetic_batches(
+    processor: Any, images_dir: Path, micro_batch: int, crop_size: int
+) -> list[Batch]:
+    """One pass over PAGES, encoded exactly as the trainer encodes a dataset record."""
+    images_dir.mkdir(parents=True, exist_ok=True)
+    examples = []
+    for index, (_, size) in enumerate(PAGES):
+        name = f"page{index}.png"
+        document_page(size, seed=index).save(images_dir / name)
+        question, answer = QUESTIONS[index % len(QUESTIONS)]
+        turn = {"images": [name], "user": f"{question}\nAnswer briefly.", "assistant": answer}
+        record = Record.model_validate(
+            {"id": f"bench-{index}", "source": "synthetic-docvqa", "conversations": [turn]}
+        )
+        examples.append(encode_for_training(record, processor, images_dir))
+    collate = TrainCollator(pad_token_id=processor.pad_token_id)
+    return [
+        Batch(
+            inputs=collate(examples[start : start + micro_batch]),
+            shapes=[sample_shape(ex, crop_size) for ex in examples[start : start + micro_batch]],
+        )
+        for start in range(0, len(examples), micro_batch)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# One measurement: one mode with one attention implementation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSpec:
+    mode: str
+    attn: str
+    device: str
+    dtype: str
+    steps: int
+    warmup: int
+    micro_batch: int
+    num_crops: int
+    lora_rank: int
+    config_dir: str
+    peak_tflops: float | None
+    clip_on_padding: bool = False
+    seed: int = 0
+
+
+@dataclass
+class RunResult:
+    mode: str
+    attn: str
+    status: str = "ok"
+    error: str | None = None
+    img_per_s: float | None = None
+    tokens_per_s: float | None = None
+    tflops_per_s: float | None = None
+    mfu: float | None = None
+    peak_mem_gib: float | None = None
+    step_s_mean: float | None = None
+    step_s_max: float | None = None
+    tokens_per_sample: float | None = None
+    tflop_per_sample: float | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+    training: dict[str, str] = field(default_factory=dict)
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def detect_peak_tflops(device: str) -> tuple[str, float | None]:
+    """(device name, dense bf16 peak TFLOP/s or None when unknown)."""
+    if not device.startswith("cuda"):
+        return f"CPU ({platform.processor() or platform.machine()})", None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key, peak in PEAK_BF16_TFLOPS:
+        if key in name:
+            return name, peak
+    return name, None
+
+
+def build_model(config: Phi3VConfig, spec: RunSpec) -> torch.nn.Module:
+    """Random weights created directly on the device in the run's dtype."""
+    with torch.device(spec.device):
+        model = Phi3VForCausalLM._from_config(
+            config, dtype=getattr(torch, spec.dtype), attn_implementation=spec.attn
+        )
+    model.model.vision_embed_tokens.skip_padding_crops = not spec.clip_on_padding
+    return model
+
+
+def quantize_nf4(model: torch.nn.Module, quantization: Any) -> None:
+    """Swap every linear layer but lm_head for a bitsandbytes 4-bit one, in place.
+
+    The same layers and settings `from_pretrained(..., quantization_config=...)` gives the trainer
+    (transformers keeps the output embedding unquantized), without writing the random weights to
+    disk to load them again.
+    """
+    import bitsandbytes as bnb
+
+    skip = {name for name, module in model.named_modules() if module is model.lm_head}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or name in skip:
+            continue
+        quantized = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=quantization.bnb_4bit_compute_dtype,
+            compress_statistics=quantization.bnb_4bit_use_double_quant,
+            quant_type=quantization.bnb_4bit_quant_type,
+            device="meta",
+        )
+        quantized.weight = bnb.nn.Params4bit(
+            module.weight.data,
+            requires_grad=False,
+            compress_statistics=quantization.bnb_4bit_use_double_quant,
+            quant_type=quantization.bnb_4bit_quant_type,
+            module=quantized,
+        ).to(module.weight.device)
+        if module.bias is not None:
+            quantized.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, quantized)
+    model.is_loaded_in_4bit = True  # PEFT then wraps the 4-bit layers with its QLoRA adapters
+
+
+def apply_mode(model: torch.nn.Module, spec: RunSpec) -> tuple[torch.nn.Module, Any]:
+    """Freeze / LoRA / QLoRA with the trainer's own code for the same flags.
+
+    Returns the model (PEFT-wrapped under LoRA) and the trainer's `TrainConfig` for these flags.
+    """
+    flags = {
+        "full": {},
+        "frozen-vision": {"freeze_vision_model": True},
+        "lora": {"use_lora": True, "lora_rank": spec.lora_rank},
+        "qlora": {"use_qlora": True, "lora_rank": spec.lora_rank},
+    }[spec.mode]
+    train_config = TrainConfig(bf16=spec.dtype == "bfloat16", **flags)
+    if train_config.use_qlora:
+        quantize_nf4(model, quantization_config(train_config, torch.device(spec.device)))
+    if train_config.lora:
+        return apply_lora(model, train_config), train_config
+    apply_freezing(model, train_config)
+    return model, train_config
+
+
+def observed_training(model: torch.nn.Module, lora_rank: int) -> Training:
+    """How each part of the model trains, read from the parameters' requires_grad flags."""
+    parts = {
+        "vision": "img_processor.",
+        "projector": "img_projection.",
+        "language": ".layers.",
+        "lm_head": "lm_head",
+    }
+    found: dict[str, str] = {}
+    for part, marker in parts.items():
+        trainable = [n for n, p in model.named_parameters() if marker in n and p.requires_grad]
+        if any("lora_" in name for name in trainable):
+            found[part] = "lora"
+        else:
+            found[part] = "full" if trainable else "frozen"
+    return Training(**found, lora_rank=lora_rank)
+
+
+def move(inputs: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> dict:
+    moved = {}
+    for key, value in inputs.items():
+        value = value.to(device)
+        moved[key] = value.to(dtype) if value.is_floating_point() else value
+    return moved
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
+    """Build, set up and train the model; time `steps` steps after `warmup` untimed ones."""
+    torch.manual_seed(spec.seed)
+    dtype = getattr(torch, spec.dtype)
+    config = Phi3VConfig.from_pretrained(spec.config_dir)
+    if spec.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(spec.device)
+    model, train_config = apply_mode(build_model(config, spec), spec)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        param_groups(model, train_config),
+        betas=(0.9, 0.95),
+        eps=1e-7,
+        fused=spec.device.startswith("cuda"),
+    )
+    device_batches = [(move(b.inputs, spec.device, dtype), b) for b in batches]
+
+    step_times = []
+    for step in range(spec.warmup + spec.steps):
+        inputs, _ = device_batches[step % len(device_batches)]
+        synchronize(spec.device)
+        start = time.perf_counter()
+        loss = model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(spec.device)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+        if step >= spec.warmup:
+            step_times.append(time.perf_counter() - start)
+
+    timed = [
+        device_batches[s % len(device_batches)][1]
+        for s in range(spec.warmup, spec.warmup + spec.steps)
+    ]
+    elapsed = sum(step_times)
+    training = observed_training(model, spec.lora_rank)
+    shapes = [shape for batch in timed for shape in batch.shapes]
+    flops = training_flops(ModelDims.from_config(config), training, shapes)
+    _, detected_peak = detect_peak_tflops(spec.device)
+    peak = spec.peak_tflops or detected_peak
+    tflops_per_s = flops.total / elapsed / 1e12
+    result = RunResult(
+        mode=spec.mode,
+        attn=spec.attn,
+        img_per_s=sum(batch.images for batch in timed) / elapsed,
+        tokens_per_s=sum(batch.tokens for batch in timed) / elapsed,
+        tflops_per_s=tflops_per_s,
+        mfu=tflops_per_s / peak if peak else None,
+        peak_mem_gib=(
+            torch.cuda.max_memory_allocated(spec.device) / GIB
+            if spec.device.startswith("cuda")
+            else None
+        ),
+        step_s_mean=elapsed / len(step_times),
+        step_s_max=max(step_times),
+        tokens_per_sample=sum(s.seq_len for s in shapes) / len(shapes),
+        tflop_per_sample=flops.total / len(shapes) / 1e12,
+        trainable_params=sum(p.numel() for p in params),
+        total_params=sum(p.numel() for p in model.parameters()),
+        training={k: v for k, v in asdict(training).items() if k != "lora_rank"},
+    )
+    del model, optimizer, params, device_batches, loss
+    gc.collect()
+    if spec.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return result
+
+
+def error_row(mode: str, attn: str, status: str, error: str) -> RunResult:
+    return RunResult(mode=mode, attn=attn, status=status, error=" ".join(error.split())[:300])
+
+
+def describe_exception(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+def run_in_process(spec: RunSpec, batches: list[Batch]) -> RunResult:
+    try:
+        return measure(spec, batches)
+    except Exception as exc:  # a failing mode is a row of the table, never the end of the run
+        traceback.print_exc()
+        gc.collect()
+        if spec.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return error_row(spec.mode, spec.attn, "error", describe_exception(exc))
+
+
+def run_isolated(spec: RunSpec, batches_file: Path, log_file: Path, timeout: float) -> RunResult:
+    """Run one measurement in a fresh Python process; crashes and timeouts become error rows."""
+    result_file = log_file.with_suffix(".json")
+    result_file.unlink(missing_ok=True)
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        json.dumps({"spec": asdict(spec), "batches": str(batches_file), "out": str(result_file)}),
+    ]
+    with log_file.open("w") as log:
+        try:
+            proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return error_row(spec.mode, spec.attn, "timeout", f"no result after {timeout:.0f} s")
+    if result_file.is_file():
+        return RunResult(**json.loads(result_file.read_text()))
+    lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+    last = lines[-1] if lines else "no output"
+    return error_row(spec.mode, spec.attn, "crash", f"exit code {proc.returncode}: {last}")
+
+
+def worker(payload: str) -> None:
+    """`--worker` entry: one measurement, its result written as JSON."""
+    job = json.loads(payload)
+    spec = RunSpec(**job["spec"])
+    batches = torch.load(job["batches"], weights_only=False)
+    result = run_in_process(spec, batches)
+    Path(job["out"]).write_text(json.dumps(asdict(result)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(rows: list[RunResult]) -> str:
+    header = (
+        "| mode | attention | img/s | tokens/s | TFLOP/s | MFU | peak GiB | s/step | "
+        "tokens/sample | TFLOP/sample | trainable params | original (A100, per GPU) | status |"
+    )
+    lines = [header, "|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|"]
+    for row in rows:
+        status = row.status if row.status == "ok" else f"{row.status}: {row.error}"
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    row.mode,
+                    row.attn,
+                    _fmt(row.img_per_s, 3),
+                    _fmt(row.tokens_per_s, 0),
+                    _fmt(row.tflops_per_s, 2),
+                    "–" if row.mfu is None else f"{100 * row.mfu:.1f} %",
+                    _fmt(row.peak_mem_gib, 1),
+                    _fmt(row.step_s_mean, 3),
+                    _fmt(row.tokens_per_sample, 0),
+                    _fmt(row.tflop_per_sample, 3 if (row.tflop_per_sample or 0) < 1 else 1),
+                    "–" if row.trainable_params is None else f"{row.trainable_params / 1e6:.1f} M",
+                    ORIGINAL_PER_GPU.get(row.mode, ""),
+                    status.replace("|", "/"),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def environment(device: str, peak: float | None) -> dict[str, Any]:
+    import peft
+    import transformers
+
+    name, detected = detect_peak_tflops(device)
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": name,
+        "peak_bf16_tflops": peak or detected,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": _version("bitsandbytes"),
+        "flash_attn": _version("flash_attn"),
+        "command": " ".join(["python", *sys.argv]),
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.import_module(package).__version__
+    except Exception:
+        return None
+
+
+def _split(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    chosen = [item.strip() for item in value.split(",") if item.strip()]
+    unknown = [item for item in chosen if item not in allowed]
+    if unknown or not chosen:
+        raise click.BadParameter(f"{what} must be among {', '.join(allowed)} (got {value!r})")
+    return chosen
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--modes", default=",".join(MODES), show_default=True, help="Comma-separated.")
+@click.option("--attn", default=",".join(ATTENTIONS), show_default=True, help="Comma-separated.")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Timed steps [12; tiny 1].")
+@click.option("--warmup", type=click.IntRange(0), default=None, help="Untimed steps [3; tiny 1].")
+@click.option("--micro-batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--num-crops", type=click.IntRange(1, 16), default=None, help="[16; tiny 2]")
+@click.option("--lora-rank", type=click.IntRange(1), default=None, help="[64; tiny 8]")
+@click.option(
+    "--peak-tflops", type=float, default=None, help="Dense bf16 peak for MFU [detected from GPU]."
+)
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tiny", is_flag=True, help="Tiny preset on CPU in fp32: exercises the code in CI.")
+@click.option("--device", default=None, help="[cuda when available, else cpu]")
+@click.option("--isolate/--no-isolate", default=None, help="One subprocess per run [on for GPU].")
+@click.option("--timeout", type=float, default=300, show_default=True, help="Per isolated run, s.")
+@click.option(
+    "--budget", type=float, default=None, help="Start no new run after this many seconds."
+)
+@click.option(
+    "--clip-on-padding",
+    is_flag=True,
+    help="Run CLIP on the zero-padded crops as the official code.",
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--worker", "worker_payload", hidden=True, default=None)
+def main(
+    modes: str,
+    attn: str,
+    steps: int | None,
+    warmup: int | None,
+    micro_batch: int,
+    num_crops: int | None,
+    lora_rank: int | None,
+    peak_tflops: float | None,
+    config_file: str | None,
+    tiny: bool,
+    device: str | None,
+    isolate: bool | None,
+    timeout: float,
+    budget: float | None,
+    clip_on_padding: bool,
+    out: Path | None,
+    worker_payload: str | None,
+) -> None:
+    """Training throughput per mode x attention; prints a markdown table (see module docstring)."""
+    if worker_payload is not None:
+        worker(worker_payload)
+        return
+    chosen_modes = _split(modes, MODES, "--modes")
+    chosen_attn = _split(attn, ATTENTIONS, "--attn")
+    device = device or ("cpu" if tiny or not torch.cuda.is_available() else "cuda")
+    on_gpu = device.startswith("cuda")
+    isolate = on_gpu if isolate is None else isolate
+    steps = steps or (1 if tiny else 12)
+    warmup = warmup if warmup is not None else (1 if tiny else 3)
+    num_crops = num_crops or (2 if tiny else 16)
+    lora_rank = lora_rank or (8 if tiny else 64)
+
+    with tempfile.TemporaryDirectory(prefix="phi3v-bench-") as tmp:
+        work = Path(tmp)
+        tiny_dir = make_tiny(work / "tiny")
+        config = resolve_config(config_file, tiny_dir, tiny)
+        config.save_pretrained(work / "config")
+        processor = Phi3VProcessor.from_pretrained(tiny_dir, num_crops=num_crops)
+        batches = synthetic_batches(
+            processor, work / "images", micro_batch, config.vision_config.image_size
+        )
+        batches_file = work / "batches.pt"
+        logs_dir = None
+        if isolate:
+            torch.save(batches, batches_file)
+            logs_dir = out.with_name(out.stem + "_logs") if out else work / "logs"
+            logs_dir.mkdir(parents=True, exist_ok=True)
+
+        started = time.monotonic()
+        rows: list[RunResult] = []
+        for mode in chosen_modes:
+            for attention in chosen_attn:
+                spec = RunSpec(
+                    mode=mode,
+                    attn=attention,
+                    device=device,
+                    dtype="bfloat16" if on_gpu else "float32",
+                    steps=steps,
+                    warmup=warmup,
+                    micro_batch=micro_batch,
+                    num_crops=num_crops,
+                    lora_rank=lora_rank,
+                    config_dir=str(work / "config"),
+                    peak_tflops=peak_tflops,
+                    clip_on_padding=clip_on_padding,
+                )
+                rows.append(
+                    run_one(spec, batches, batches_file, logs_dir, timeout, budget, started)
+                )
+                report(rows, device, peak_tflops, out, echo=False)
+    report(rows, device, peak_tflops, out, echo=True)
+
+
+def run_one(
+    spec: RunSpec,
+    batches: list[Batch],
+    batches_file: Path,
+    logs_dir: Path | None,
+    timeout: float,
+    budget: float | None,
+    started: float,
+) -> RunResult:
+    """One row: skipped when flash-attn is absent or the time budget is spent, else measured."""
+    name = f"{spec.mode} / {spec.attn}"
+    if spec.attn == "flash_attention_2" and not flash_attn_available():
+        return error_row(spec.mode, spec.attn, "skipped", "flash_attn is not installed")
+    if budget is not None and time.monotonic() - started > budget:
+        return error_row(spec.mode, spec.attn, "skipped", f"time budget of {budget:.0f} s spent")
+    click.echo(f"[bench] {name} ...", err=True)
+    if logs_dir is not None:
+        log = logs_dir / f"{spec.mode}_{spec.attn}.log"
+        row = run_isolated(spec, batches_file, log, timeout)
+    else:
+        row = run_in_process(spec, batches)
+    click.echo(f"[bench] {name}: {row.status} {row.error or ''}", err=True)
+    return row
+
+
+def report(
+    rows: list[RunResult], device: str, peak: float | None, out: Path | None, echo: bool
+) -> None:
+    """The table on stdout (echo) and, with --out, FILE.md and FILE.json (rewritten per row)."""
+    table = format_table(rows)
+    if echo:
+        click.echo(table)
+    if out is None:
+        return
+    env = environment(device, peak)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"Device: {env['device']} (dense bf16 peak {env['peak_bf16_tflops']} TFLOP/s); "
+        f"torch {env['torch']}, CUDA {env['cuda']}, transformers {env['transformers']}, "
+        f"peft {env['peft']}, bitsandbytes {env['bitsandbytes']}, "
+        f"flash_attn {env['flash_attn']}; {env['date']}\n\nCommand: `{env['command']}`\n\n"
+    )
+    _write_atomic(out, header + table + "\n")
+    payload = {"environment": env, "rows": [asdict(row) for row in rows]}
+    _write_atomic(out.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()
