@@ -18,17 +18,18 @@ the kept classes in that order. ``val`` holds whole groups ``gGG`` of each class
 of the class's train groups, at least one, drawn with ``--seed``), so clips of one group never
 straddle train and val.
 
-Frames: indices floor(k*T/num_frames), k = 0..num_frames-1, as the original. T is the container's
-frame count, checked against the decoder: the clip is read sequentially with OpenCV ``grab()``
-(measured faster than ``CAP_PROP_POS_FRAMES`` seeking and exact, see benchmarks/RESULTS.md) up to
-the last sampled index; then the end is verified (frame T-1 exists, frame T does not) by grabbing
-on, or by one seek when the end is far. When the count is wrong the frames are counted by decoding
-and the clip is sampled again with the true T.
+Frames: indices floor(k*T/num_frames), k = 0..num_frames-1, as the original. T is the number of
+video packets (one per frame in AVI), checked against the container header's count; when the two
+disagree (a wrong header, a truncated file) the last frame is decoded to confirm T. Each sampled frame is decoded from the nearest keyframe before it, or on from the
+previous one when that is nearer, so a clip costs a few GOPs of decoding instead of the original's
+decode-everything-up-to-the-last-index (measured against OpenCV grab() and CAP_PROP_POS_FRAMES
+seeking in benchmarks/convert_ucf101.py; figures in benchmarks/RESULTS.md). Any irregularity
+(empty packets, timestamp gaps, a frame the decoder does not deliver) falls back to the original
+way with T counted by decoding.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from collections.abc import Mapping
@@ -46,10 +47,9 @@ VIDEO_ROOT_NAMES = ("UCF-101", "UCF101")
 SUBSET_DIRNAMES = ("UCF101_subset",)
 SUBSET_SPLITS = ("train", "val", "test")
 VIDEO_SUFFIXES = (".avi",)
+#: Pillow's default JPEG quality, which the original recipe's frames were saved with.
+JPEG_QUALITY = 75
 PROMPT_PREFIX = "Classify the video into one of the following classes: "
-#: Past the last sampled frame, grab on to the end when at most this many frames remain, else
-#: check the end with one seek (a seek decodes a GOP's worth of frames).
-END_GRAB_LIMIT = 48
 _GROUP_CLIP = re.compile(r"_g(\d+)_c(\d+)$", re.IGNORECASE)
 
 
@@ -68,97 +68,100 @@ def sample_indices(frame_count: int, num_frames: int) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
-def _cv2():
-    """OpenCV, imported with FFmpeg's and OpenCV's own console messages about broken files off
-    (unusable videos are reported in convert_report.json instead)."""
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
-    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
-    import cv2
+class _Packets:
+    """The video packets of a clip, demuxed once (no decoding); packet i is frame i when
+    :attr:`indexed` (contiguous timestamps 0..N-1, no empty packets), as in well-formed AVI."""
 
-    return cv2
-
-
-def _open(path: Path):
-    cv2 = _cv2()
-    # One decoding thread: the converter parallelises over clips (--workers), and FFmpeg's
-    # frame threads only add overhead on 320x240 clips (measured: about 1.7x slower).
-    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
-    if not capture.isOpened():
-        raise SkipItem("cannot open the video")
-    return capture
+    def __init__(self, container: Any):
+        self.stream = container.streams.video[0]
+        self.claimed = int(self.stream.frames or 0)  # the container header's count
+        self.packets = [p for p in container.demux(self.stream) if p.size and p.pts is not None]
+        first = self.packets[0].pts if self.packets else 0
+        self.indexed = all(p.pts - first == i for i, p in enumerate(self.packets))
+        self.first_pts = first
+        self.keyframes = [i for i, p in enumerate(self.packets) if p.is_keyframe]
 
 
-def count_frames(path: Path) -> int:
-    """Number of frames the decoder delivers (decodes the whole clip)."""
-    capture = _open(path)
-    try:
-        count = 0
-        while capture.grab():
-            count += 1
-        return count
-    finally:
-        capture.release()
-
-
-def _read_at(
-    path: Path, indices: list[int], claimed_count: int, *, verify_end: bool = True
-) -> tuple[list[Any], bool]:
-    """RGB frames at ``indices`` (sorted) and whether ``claimed_count`` is the true frame count
-    (checked only with ``verify_end``; without it, whether every sampled frame was read)."""
-    cv2 = _cv2()
-
-    capture = _open(path)
-    try:
-        frames: list[Any] = []
-        position = 0  # index of the frame the next grab() delivers
-        for index in indices:
-            while position < index:
-                if not capture.grab():
-                    return frames, False  # fewer frames than claimed
-                position += 1
-            if frames and index == position - 1:  # T < num_frames: the same frame again
-                frames.append(frames[-1])
-                continue
-            ok, frame = capture.read()
-            if not ok:
-                return frames, False
+def _decode_at(packets: _Packets, indices: list[int], check_last: bool) -> dict[int, Any] | None:
+    """Frames at ``indices`` (and the last frame with ``check_last``), decoding from the nearest
+    keyframe before each wanted frame (or on from the current position when that is nearer).
+    None when the decoder does not deliver frame i for packet i."""
+    codec = packets.stream.codec_context
+    count = len(packets.packets)
+    wanted = sorted({*indices, count - 1} if check_last else set(indices))
+    found: dict[int, Any] = {}
+    position = None  # index of the next packet to feed
+    for target in wanted:
+        if target in found:
+            continue
+        keyframe = max((k for k in packets.keyframes if k <= target), default=None)
+        if keyframe is None:
+            return None
+        if position is None or not keyframe < position <= target:
+            codec.flush_buffers()
+            position = keyframe
+        while target not in found:
+            packet = packets.packets[position] if position < count else None
+            if packet is None and position > count:
+                return None  # flushed and still no frame: not one frame per packet
             position += 1
-            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-        if not verify_end:
-            return frames, True
-        last = claimed_count - 1
-        if last - position > END_GRAB_LIMIT:
-            capture.set(cv2.CAP_PROP_POS_FRAMES, last)
-            position = last
-        while position <= last:
-            if not capture.grab():
-                return frames, False
-            position += 1
-        return frames, not capture.grab()
-    finally:
-        capture.release()
+            for frame in codec.decode(packet):
+                index = frame.pts - packets.first_pts if frame.pts is not None else -1
+                if index in wanted:
+                    found[index] = frame
+    return found
+
+
+def _decode_sequentially(path: Path, num_frames: int) -> tuple[int, list[int], list[Any]]:
+    """The original recipe's way, with T counted by decoding: frame i is the i-th decoded frame."""
+    import av
+
+    with av.open(str(path)) as container:
+        count = sum(1 for _ in container.decode(video=0))
+    if count == 0:
+        raise SkipItem("no decodable frame")
+    indices = sample_indices(count, num_frames)
+    wanted, frames = set(indices), {}
+    with av.open(str(path)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index in wanted:
+                frames[index] = frame.to_image()
+            if index >= indices[-1]:
+                break
+    if len(frames) != len(wanted):
+        raise SkipItem("the decoder delivers a different number of frames on each pass")
+    return count, indices, [frames[i] for i in indices]
 
 
 def read_sampled_frames(path: Path, num_frames: int) -> tuple[int, list[int], list[Any]]:
-    """(T, sampled indices, RGB uint8 arrays) of one clip; raises SkipItem when unusable."""
-    cv2 = _cv2()
-    capture = _open(path)
-    claimed = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    capture.release()
-    if claimed > 0:
-        indices = sample_indices(claimed, num_frames)
-        frames, count_ok = _read_at(path, indices, claimed)
-        if count_ok:
-            return claimed, indices, frames
-    true_count = count_frames(path)
-    if true_count == 0:
-        raise SkipItem("no decodable frame")
-    indices = sample_indices(true_count, num_frames)
-    # T is known from decoding now; no end check (seeking is bounded by the wrong header anyway)
-    frames, complete = _read_at(path, indices, true_count, verify_end=False)
-    if not complete:
-        raise SkipItem("the decoder delivers a different number of frames on each pass")
-    return true_count, indices, frames
+    """(T, sampled indices, PIL RGB images) of one clip; raises SkipItem when it is unusable.
+
+    Fast path: T is the number of video packets, checked against the header (when they disagree,
+    by decoding the last frame); each sampled frame is decoded from the nearest keyframe before it. Any
+    irregularity (empty packets, gaps in timestamps, a frame the decoder does not deliver, a
+    decoding error) falls back to decoding the clip from the start and counting frames.
+    """
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise SkipItem("no video stream")
+            container.streams.video[0].codec_context.thread_count = 1  # --workers parallelises
+            packets = _Packets(container)
+            if packets.indexed and packets.packets:
+                count = len(packets.packets)
+                indices = sample_indices(count, num_frames)
+                # header and index disagree (wrong header, truncated file): decode the last frame
+                found = _decode_at(packets, indices, check_last=packets.claimed != count)
+                if found is not None:
+                    return count, indices, [found[i].to_image() for i in indices]
+    except av.error.FFmpegError:
+        pass  # decode it the slow way; that reports the error if it persists
+    try:
+        return _decode_sequentially(path, num_frames)
+    except av.error.FFmpegError as error:
+        raise SkipItem(f"cannot decode the video: {error.strerror}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,12 +474,11 @@ class Ucf101Converter(Converter):
         return Plan(items, skipped, info)
 
     def convert(self, item: Item, images: ImageWriter) -> list[dict[str, Any]]:
-        from PIL import Image
 
         p = item.payload
         frame_count, indices, frames = read_sampled_frames(Path(p["video"]), p["num_frames"])
         paths = [
-            images.save(f"{p['folder']}.{k}.jpg", Image.fromarray(frame))
+            images.save(f"{p['folder']}.{k}.jpg", frame, quality=JPEG_QUALITY)
             for k, frame in enumerate(frames)
         ]
         return [

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from fractions import Fraction
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 from phi3v_data.builtin_converters.ucf101 import (
     Ucf101Converter,
@@ -17,6 +20,7 @@ from phi3v_data.builtin_converters.ucf101 import (
 )
 from ucf101_helpers import (
     counted_index,
+    counting_frame,
     frame_index_of,
     official_tree,
     run_cli,
@@ -264,17 +268,20 @@ def test_unreadable_video_is_skipped_and_reported(official: Path, tmp_path: Path
     broken = src / "UCF-101/Archery/v_Archery_g01_c01.avi"
     broken.write_bytes(b"RIFF\x00\x00\x00\x00AVI not really a video")
     (src / "UCF-101/Archery/v_Archery_g01_c02.avi").unlink()
+    (src / "UCF-101/Archery/v_Archery_g02_c01.avi").write_bytes(bytes(range(256)) * 4)
     out = tmp_path / "out"
     result = run_cli("convert", "ucf101", str(src), "--out_dir", str(out), "--classes", "1")
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "convert_report.json").read_text())
     reasons = {s["input"]: s["reason"] for s in report["skipped"]}
     assert reasons == {
-        "Archery/v_Archery_g01_c01.avi": "cannot open the video",
+        "Archery/v_Archery_g01_c01.avi": "no video stream",
         "Archery/v_Archery_g01_c02.avi": "video file is missing",
+        "Archery/v_Archery_g02_c01.avi": "cannot decode the video: "
+        "Invalid data found when processing input",
     }
-    assert report["splits"]["test"] == {"records": 2, "skipped": 2}
-    assert "2 inputs skipped" in result.stdout
+    assert report["splits"]["test"] == {"records": 1, "skipped": 3}
+    assert "3 inputs skipped" in result.stdout
     assert validate_dataset(out).ok
 
 
@@ -316,10 +323,10 @@ def test_sample_indices_are_the_originals() -> None:
     ("true_count", "claimed", "num_frames"),
     [
         (30, None, 8),  # header right
-        (30, 20, 8),  # header too low: detected by grabbing on to the end
-        (30, 60, 8),  # header too high: a sampled index is past the end
-        (120, 100, 2),  # header too low, far end: detected by the seek check
-        (120, 240, 2),  # header too high, far end
+        (30, 20, 8),  # header too low
+        (30, 60, 8),  # header too high
+        (120, 100, 2),  # header too low, last sample far from the end
+        (120, 240, 2),  # header too high, last sample far from the end
         (3, None, 8),  # fewer frames than samples: frames repeat
     ],
 )
@@ -332,7 +339,7 @@ def test_frames_are_the_sampled_indices(
     count, indices, frames = read_sampled_frames(video, num_frames)
     assert count == true_count
     assert indices == sample_indices(true_count, num_frames)
-    assert [counted_index(frame) for frame in frames] == indices
+    assert [counted_index(np.asarray(frame)) for frame in frames] == indices
 
 
 def test_truncated_video_uses_the_frames_it_has(tmp_path: Path) -> None:
@@ -341,7 +348,7 @@ def test_truncated_video_uses_the_frames_it_has(tmp_path: Path) -> None:
     video.write_bytes(data[: len(data) * 6 // 10])  # header still says 60
     count, indices, frames = read_sampled_frames(video, 4)
     assert 0 < count < 60 and indices == sample_indices(count, 4)
-    assert [counted_index(frame) for frame in frames] == indices
+    assert [counted_index(np.asarray(frame)) for frame in frames] == indices
 
 
 def test_written_jpegs_show_the_sampled_frames(official_out: Path) -> None:
@@ -351,3 +358,20 @@ def test_written_jpegs_show_the_sampled_frames(official_out: Path) -> None:
         frame_index_of(official_out / "images" / p) for p in record["conversations"][0]["images"]
     ]
     assert shown == sample_indices(12, 8) == record["meta"]["frames"]
+
+
+def test_timestamp_gap_falls_back_to_counting_decoded_frames(tmp_path: Path) -> None:
+    """A clip whose timestamps jump (a dropped frame) is sampled by decoded-frame ordinal,
+    as the original recipe does, with T counted by decoding (the header says 22)."""
+    path = tmp_path / "gap.avi"
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for index in range(20):
+            frame = av.VideoFrame.from_ndarray(counting_frame(index, (64, 48)), format="bgr24")
+            frame.pts, frame.time_base = index + (2 if index >= 10 else 0), Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    count, indices, frames = read_sampled_frames(path, 8)
+    assert count == 20 and indices == sample_indices(20, 8)
+    assert [counted_index(np.asarray(frame)) for frame in frames] == indices
