@@ -278,6 +278,12 @@ def _gather(local: list[Any], world: int) -> list[Any]:
     return [item for shard in shards for item in shard or []]
 
 
+def error_headline(error: Exception) -> str:
+    """One line for a library exception: its headline, plus the first detail after a ':'."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [repr(error)]
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
 def _finite_or_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
@@ -412,9 +418,9 @@ def eval_command(
             dtype=_pick_dtype(dtype, device),
             device=device,
         )
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise click.ClickException(f"{model_path}: cannot load the model: {first_line}") from None
+    except (OSError, ValueError, RuntimeError) as error:
+        message = f"{model_path}: cannot load the model: {error_headline(error)}"
+        raise click.ClickException(message) from None
     try:
         result = evaluate_split(
             model,

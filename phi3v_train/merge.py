@@ -1,0 +1,156 @@
+"""Merge a LoRA / DoRA adapter into its base model: ``phi3v-train merge``.
+
+vLLM serves Phi-3.5-vision but cannot load LoRA adapters for it, so a fine-tune is served as a
+merged, standalone checkpoint. The output is the official layout: ``config.json`` (``model_type``
+``phi3_v``, ``architectures`` ``["Phi3VForCausalLM"]``), safetensors with the official key names
+and the token embedding stored once (no ``model.vision_embed_tokens.wte.weight`` copy), the
+tokenizer and processor files, and a ``generation_config.json`` that stops at ``<|end|>`` and
+``<|endoftext|>`` (the official one names id 2, which the model never emits).
+
+The merge runs in float32 (PEFT ``merge_and_unload``) and the result is cast to ``--dtype``
+(default: the base checkpoint's dtype). A QLoRA adapter is merged into the unquantized base, as
+the original recipe evaluates it. The directory is written under a temporary name and renamed
+into place, so ``--out`` is either the complete checkpoint or untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import click
+import torch
+from safetensors import safe_open
+
+from phi3v_train.evaluate import STOP_TOKENS, error_headline
+
+#: The alias of ``model.embed_tokens.weight`` that the official code exposes; never written.
+SHARED_EMBEDDING_ALIAS = "model.vision_embed_tokens.wte.weight"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class MergeError(Exception):
+    """A merge that cannot run; ``str()`` names the path and the reason."""
+
+
+def merge_adapter(
+    base: str | Path,
+    adapter: Path,
+    out: Path,
+    *,
+    dtype: str = "auto",
+    overwrite: bool = False,
+) -> Path:
+    """Write ``base`` + ``adapter`` merged into ``out`` (atomically); return ``out``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    adapter, out = Path(adapter), Path(out)
+    if not (adapter / "adapter_config.json").is_file():
+        raise MergeError(f"{adapter}: adapter_config.json not found (not a LoRA/DoRA adapter)")
+    if out.exists() and not overwrite:
+        raise MergeError(f"{out}: already exists (pass --overwrite to replace it)")
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    saved_dtype = _checkpoint_dtype(model.config) if dtype == "auto" else DTYPES[dtype]
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.to(saved_dtype)
+    merged.config.dtype = saved_dtype
+
+    processor_source = adapter if (adapter / "preprocessor_config.json").is_file() else base
+    processor = AutoProcessor.from_pretrained(processor_source)
+    tokenizer = processor.tokenizer
+    generation = merged.generation_config
+    generation.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
+    generation.pad_token_id = tokenizer.pad_token_id
+
+    temporary = out.with_name(f".{out.name}.merge-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        merged.save_pretrained(temporary)
+        processor.save_pretrained(temporary)
+        processor.image_processor.save_pretrained(temporary)  # preprocessor_config.json, official
+        _check_no_alias(temporary)
+        _replace_dir(temporary, out)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return out
+
+
+def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of a safetensors checkpoint directory with its shape."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def _checkpoint_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _check_no_alias(model_dir: Path) -> None:
+    keys = checkpoint_shapes(model_dir)
+    if not keys:
+        raise MergeError(f"{model_dir}: no safetensors written")
+    if SHARED_EMBEDDING_ALIAS in keys:
+        raise MergeError(f"{model_dir}: {SHARED_EMBEDDING_ALIAS} duplicates model.embed_tokens")
+    leftovers = [key for key in keys if "lora_" in key or "base_layer" in key]
+    if leftovers:
+        raise MergeError(f"{model_dir}: adapter weights left after merging: {leftovers[0]}")
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target``; an existing ``target`` is removed only after the move."""
+    if not target.exists():
+        source.replace(target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    target.replace(old)
+    source.replace(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@click.command("merge")
+@click.option("--model", "base", required=True, help="Base model directory (or hub id).")
+@click.option(
+    "--adapter",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="LoRA/DoRA adapter directory written by phi3v-train.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory of the merged checkpoint (written atomically).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", *DTYPES]),
+    default="auto",
+    show_default=True,
+    help="dtype of the saved weights; auto keeps the base checkpoint's.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
+def merge_command(base: str, adapter: Path, out: Path, dtype: str, overwrite: bool) -> None:
+    """Merge a LoRA/DoRA adapter into its base model as a standalone checkpoint (for vLLM).
+
+    \b
+      phi3v-train merge --model microsoft/Phi-3.5-vision-instruct --adapter OUT --out MERGED
+    """
+    try:
+        merge_adapter(base, adapter, out, dtype=dtype, overwrite=overwrite)
+    except MergeError as error:
+        raise click.ClickException(str(error)) from None
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise click.ClickException(
+            f"{adapter}: cannot merge into {base}: {error_headline(error)}"
+        ) from None
+    click.echo(f"merged {adapter} into {base}: wrote {out}")

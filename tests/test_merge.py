@@ -1,0 +1,212 @@
+"""``phi3v-train merge``: logits parity with base + adapter, the official key layout, atomicity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+from phi3v_train.config import TrainConfig
+from phi3v_train.merge import (
+    SHARED_EMBEDDING_ALIAS,
+    checkpoint_shapes,
+    merge_adapter,
+    merge_command,
+)
+from phi3v_train.strategies import apply_lora
+from phi3v_train.tiny import make_tiny
+
+PHI3V_TRAIN = str(Path(sys.executable).parent / "phi3v-train")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("base") / "tiny", seed=0)
+
+
+def write_adapter(base: Path, out: Path, *, dora: bool = False, seed: int = 0) -> Path:
+    """A LoRA/DoRA adapter over every recipe target, with non-zero B matrices (and magnitudes)."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = apply_lora(model, TrainConfig(use_lora=True, use_dora=dora, lora_rank=4))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+            elif "lora_magnitude_vector" in name:
+                parameter.mul_(1 + 0.1 * torch.rand(parameter.shape, generator=generator))
+    peft_model.save_pretrained(out)
+    return out
+
+
+def sample_inputs(model_dir: Path) -> dict[str, torch.Tensor]:
+    """One prompt with one image, through the model's own processor."""
+    processor = AutoProcessor.from_pretrained(model_dir, num_crops=1)
+    prompt = "<|user|>\n<|image_1|>\nWhat is shown?<|end|>\n<|assistant|>\n"
+    image = Image.new("RGB", (50, 40), (200, 30, 90))
+    batch = processor(prompt, images=[image], return_tensors="pt")
+    return {
+        key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+    }
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model.eval()(**inputs).logits
+
+
+def adapter_logits(base: Path, adapter: Path, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return logits_of(PeftModel.from_pretrained(model, adapter), inputs)
+
+
+def merged_logits(merged: Path, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return logits_of(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), inputs)
+
+
+def test_merge_command_lora_parity_and_layout(base_dir: Path, tmp_path: Path) -> None:
+    adapter = write_adapter(base_dir, tmp_path / "adapter")
+    merged = tmp_path / "merged"
+    run = subprocess.run(
+        [PHI3V_TRAIN, "merge", "--model", str(base_dir), "--adapter", str(adapter)]
+        + ["--out", str(merged)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"wrote {merged}" in run.stdout
+
+    inputs = sample_inputs(merged)  # the merged directory carries a working processor
+    expected = adapter_logits(base_dir, adapter, inputs)
+    base = logits_of(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), inputs)
+    assert (expected - base).abs().max() > 1e-3  # the adapter really changes the output
+    torch.testing.assert_close(merged_logits(merged, inputs), expected, atol=1e-4, rtol=1e-4)
+
+    # standalone checkpoint: same tensors (names, shapes, dtype) as the base, nothing of PEFT
+    assert checkpoint_shapes(merged) == checkpoint_shapes(base_dir)
+    assert SHARED_EMBEDDING_ALIAS not in checkpoint_shapes(merged)
+    weights = load_file(merged / "model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in weights.values())
+    config = json.loads((merged / "config.json").read_text())
+    assert config["model_type"] == "phi3_v"
+    assert config["architectures"] == ["Phi3VForCausalLM"]
+    assert "peft" not in json.dumps(config).lower()
+    generation = json.loads((merged / "generation_config.json").read_text())
+    processor = AutoProcessor.from_pretrained(merged)
+    stop_ids = processor.tokenizer.convert_tokens_to_ids(["<|end|>", "<|endoftext|>"])
+    assert generation["eos_token_id"] == stop_ids
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        assert (merged / name).is_file(), name
+    assert not (merged / "adapter_config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]  # no temp dir
+
+
+def test_merge_dora_parity_and_bfloat16(base_dir: Path, tmp_path: Path) -> None:
+    adapter = write_adapter(base_dir, tmp_path / "dora", dora=True, seed=1)
+    merged = merge_adapter(base_dir, adapter, tmp_path / "merged")
+    inputs = sample_inputs(base_dir)
+    torch.testing.assert_close(
+        merged_logits(merged, inputs),
+        adapter_logits(base_dir, adapter, inputs),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    half = merge_adapter(base_dir, adapter, tmp_path / "merged_bf16", dtype="bfloat16")
+    weights = load_file(half / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
+    assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_merged_keys_equal_the_official_checkpoint(
+    base_dir: Path, reference_dir: Path, tmp_path: Path
+) -> None:
+    """Base = the official implementation's tiny weights; merged key set and shapes must match."""
+    from phi3v_train.configuration_phi3_v import Phi3VConfig
+    from phi3v_train.modeling_phi3_v import Phi3VForCausalLM
+
+    tiny_reference = reference_dir / "tiny_model"
+    config = json.loads((tiny_reference / "config.json").read_text())
+    config["img_processor"]["vision_config"] = json.loads(
+        (tiny_reference / "clip_vision_config.json").read_text()
+    )
+    model = Phi3VForCausalLM(Phi3VConfig(**config))
+    official = load_file(tiny_reference / "model.safetensors")
+    missing, unexpected = model.load_state_dict(official, strict=False)
+    assert not unexpected and not [key for key in missing if "position_ids" not in key]
+    reference_base = tmp_path / "reference_base"
+    model.save_pretrained(reference_base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (base_dir / name).is_file():
+            shutil.copy(base_dir / name, reference_base / name)
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        shutil.copy(base_dir / name, reference_base / name)
+
+    adapter = write_adapter(reference_base, tmp_path / "adapter")
+    merged = merge_adapter(reference_base, adapter, tmp_path / "merged")
+    shapes = checkpoint_shapes(merged)
+    assert shapes == {key: tuple(tensor.shape) for key, tensor in official.items()}
+    assert SHARED_EMBEDDING_ALIAS not in shapes
+    # the merge changed the adapted weights and nothing else
+    merged_weights = load_file(merged / "model.safetensors")
+    changed = {key for key in official if not torch.equal(official[key], merged_weights[key])}
+    assert "model.layers.0.self_attn.qkv_proj.weight" in changed
+    assert "lm_head.weight" in changed
+    assert "model.vision_embed_tokens.img_projection.0.weight" in changed
+    assert "model.embed_tokens.weight" not in changed
+    assert all(key.endswith(".weight") for key in changed)
+    # config.json names the model as the official one does
+    official_config = json.loads((reference_dir / "official" / "config.json").read_text())
+    written = json.loads((merged / "config.json").read_text())
+    assert written["model_type"] == official_config["model_type"]
+    assert written["architectures"] == official_config["architectures"]
+
+
+def test_merge_errors_leave_out_untouched(base_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    not_adapter = tmp_path / "not_adapter"
+    not_adapter.mkdir()
+    out = tmp_path / "merged"
+    base = ["--model", str(base_dir), "--out", str(out)]
+    result = runner.invoke(merge_command, [*base, "--adapter", str(not_adapter)])
+    assert result.exit_code != 0
+    assert f"{not_adapter}: adapter_config.json not found" in result.output
+    assert not out.exists()
+
+    # an adapter of another base model (MLP width 96 instead of 128) fails cleanly
+    from phi3v_train.configuration_phi3_v import Phi3VConfig
+    from phi3v_train.modeling_phi3_v import Phi3VForCausalLM
+
+    config = Phi3VConfig.from_pretrained(base_dir)
+    config.intermediate_size = 96
+    other_base = tmp_path / "other_base"
+    Phi3VForCausalLM(config).save_pretrained(other_base)
+    wrong = write_adapter(other_base, tmp_path / "wrong")
+    result = runner.invoke(merge_command, [*base, "--adapter", str(wrong)])
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    assert f"{wrong}: cannot merge into {base_dir}" in result.output
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not_adapter", "other_base", "wrong"]
+
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    good = write_adapter(base_dir, tmp_path / "good")
+    result = runner.invoke(merge_command, [*base, "--adapter", str(good)])
+    assert result.exit_code != 0
+    assert "already exists (pass --overwrite" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    result = runner.invoke(merge_command, [*base, "--adapter", str(good), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
