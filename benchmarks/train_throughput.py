@@ -57,7 +57,11 @@ from PIL import Image, ImageDraw
 
 from phi3v_data.schema import Record
 from phi3v_train.config import TrainConfig
-from phi3v_train.configuration_phi3_v import Phi3VConfig
+from phi3v_train.configuration_phi3_v import (
+    DEFAULT_EMBD_LAYER,
+    DEFAULT_IMG_PROCESSOR,
+    Phi3VConfig,
+)
 from phi3v_train.data import TrainCollator, encode_for_training
 from phi3v_train.flops import ModelDims, SampleShape, Training, training_flops
 from phi3v_train.modeling_phi3_v import Phi3VForCausalLM
@@ -135,19 +139,8 @@ def official_config() -> Phi3VConfig:
         embd_pdrop=0.0,
         resid_pdrop=0.0,
         tie_word_embeddings=False,
-        embd_layer={
-            "embedding_cls": "image",
-            "hd_transform_order": "sub_glb",
-            "projection_cls": "mlp",
-            "use_hd_transform": True,
-            "with_learnable_separator": True,
-        },
-        img_processor={
-            "image_dim_out": 1024,
-            "model_name": "openai/clip-vit-large-patch14-336",
-            "name": "clip_vision_model",
-            "num_img_tokens": 144,
-        },
+        embd_layer=dict(DEFAULT_EMBD_LAYER),
+        img_processor=dict(DEFAULT_IMG_PROCESSOR),  # CLIP ViT-L/14-336, 144 tokens per crop
     )
 
 
@@ -412,8 +405,6 @@ def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
     torch.manual_seed(spec.seed)
     dtype = getattr(torch, spec.dtype)
     config = Phi3VConfig.from_pretrained(spec.config_dir)
-    if spec.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(spec.device)
     model, train_config = apply_mode(build_model(config, spec), spec)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -425,6 +416,11 @@ def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
         fused=spec.device.startswith("cuda"),
     )
     device_batches = [(move(b.inputs, spec.device, dtype), b) for b in batches]
+    # Peak memory of training only: the bf16 copy QLoRA quantizes from is gone by now.
+    gc.collect()
+    if spec.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(spec.device)
 
     step_times = []
     for step in range(spec.warmup + spec.steps):
@@ -536,7 +532,10 @@ def worker(payload: str) -> None:
 
 
 def _fmt(value: float | None, digits: int) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+    """Fixed digits, or three significant ones for small figures (the tiny CPU run)."""
+    if value is None:
+        return "–"
+    return f"{value:.3g}" if 0 < abs(value) < 10 ** (2 - digits) else f"{value:.{digits}f}"
 
 
 def format_table(rows: list[RunResult]) -> str:
@@ -555,13 +554,13 @@ def format_table(rows: list[RunResult]) -> str:
                     row.attn,
                     _fmt(row.img_per_s, 3),
                     _fmt(row.tokens_per_s, 0),
-                    _fmt(row.tflops_per_s, 2),
+                    _fmt(row.tflops_per_s, 1),
                     "–" if row.mfu is None else f"{100 * row.mfu:.1f} %",
                     _fmt(row.peak_mem_gib, 1),
                     _fmt(row.step_s_mean, 3),
                     _fmt(row.tokens_per_sample, 0),
-                    _fmt(row.tflop_per_sample, 3 if (row.tflop_per_sample or 0) < 1 else 1),
-                    "–" if row.trainable_params is None else f"{row.trainable_params / 1e6:.1f} M",
+                    _fmt(row.tflop_per_sample, 1),
+                    "–" if row.trainable_params is None else f"{row.trainable_params / 1e6:.3g} M",
                     ORIGINAL_PER_GPU.get(row.mode, ""),
                     status.replace("|", "/"),
                 ]
@@ -683,8 +682,9 @@ def main(
 
         started = time.monotonic()
         rows: list[RunResult] = []
-        for mode in chosen_modes:
-            for attention in chosen_attn:
+        # Attention-major: with a --budget, the implementations listed last are the ones cut.
+        for attention in chosen_attn:
+            for mode in chosen_modes:
                 spec = RunSpec(
                     mode=mode,
                     attn=attention,
@@ -702,6 +702,7 @@ def main(
                 rows.append(
                     run_one(spec, batches, batches_file, logs_dir, timeout, budget, started)
                 )
+                rows.sort(key=lambda r: (MODES.index(r.mode), chosen_attn.index(r.attn)))
                 report(rows, device, peak_tflops, out, echo=False)
     report(rows, device, peak_tflops, out, echo=True)
 
