@@ -170,10 +170,10 @@ class Phi3VImageEmbedding(nn.Module):
         """Per image: CLIP features [1 + rows*cols, patches, dim] of its used crops."""
         used = [1 + rows * cols for rows, cols in grids]
         dtype = self.img_processor.vision_model.embeddings.patch_embedding.weight.dtype
-        if self.skip_padding_crops:
+        num_images, num_crops = pixel_values.shape[:2]
+        if self.skip_padding_crops and any(n < num_crops for n in used):
             crops = torch.cat([pixel_values[i, :n] for i, n in enumerate(used)])
             return list(self.img_processor(crops.to(dtype)).split(used))
-        num_images, num_crops = pixel_values.shape[:2]
         features = self.img_processor(pixel_values.flatten(0, 1).to(dtype))
         features = features.view(num_images, num_crops, *features.shape[1:])
         return [features[i, :n] for i, n in enumerate(used)]
