@@ -308,15 +308,19 @@ def load_for_inference(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    processor_source = model_path
-    if adapter is not None and (Path(adapter) / "preprocessor_config.json").is_file():
-        processor_source = adapter
+    processor_source = adapter if adapter is not None and has_processor(adapter) else model_path
     options = {"num_crops": num_crops} if num_crops is not None else {}
     processor = AutoProcessor.from_pretrained(processor_source, **options)
     if device is not None:
         model.to(device)
     model.eval()
     return model, processor
+
+
+def has_processor(directory: Path) -> bool:
+    """Whether ``directory`` holds processor files (the trainer saves them beside an adapter)."""
+    names = ("processor_config.json", "preprocessor_config.json")
+    return any((Path(directory) / name).is_file() for name in names)
 
 
 def _init_distributed() -> torch.device:

@@ -23,7 +23,7 @@ import click
 import torch
 from safetensors import safe_open
 
-from phi3v_train.evaluate import STOP_TOKENS, error_headline
+from phi3v_train.evaluate import STOP_TOKENS, error_headline, has_processor
 
 #: The alias of ``model.embed_tokens.weight`` that the official code exposes; never written.
 SHARED_EMBEDDING_ALIAS = "model.vision_embed_tokens.wte.weight"
@@ -58,7 +58,7 @@ def merge_adapter(
     merged.to(saved_dtype)
     merged.config.dtype = saved_dtype
 
-    processor_source = adapter if (adapter / "preprocessor_config.json").is_file() else base
+    processor_source = adapter if has_processor(adapter) else base
     processor = AutoProcessor.from_pretrained(processor_source)
     tokenizer = processor.tokenizer
     generation = merged.generation_config
