@@ -33,9 +33,11 @@ def digest(text: str) -> bytes:
     return blake2b(text.encode(), digest_size=8).digest()
 
 
-def new_range() -> list[int]:
-    """``[count, total, min, max]`` of a count over items; min starts above any real value."""
-    return [0, 0, 1 << 62, 0]
+def count_range(counts: array) -> list[int]:
+    """``[count, total, min, max]`` of a count over items (zeros when there are none)."""
+    if not counts:
+        return [0, 0, 0, 0]
+    return [len(counts), sum(counts), min(counts), max(counts)]
 
 
 def prune_answers(answers: Counter[str]) -> Counter[str]:
@@ -51,7 +53,6 @@ class ChunkScan:
 
     lines: int = 0
     records: int = 0
-    bytes_read: int = 0
     #: (line, field, message), at most ``max_problems`` of ``problem_count``
     problems: list[tuple[int, str, str]] = field(default_factory=list)
     problem_count: int = 0
@@ -60,9 +61,9 @@ class ChunkScan:
     record_lines: array = field(default_factory=lambda: array("I"))
     turns: int = 0
     images: int = 0
-    images_per_record: list[int] = field(default_factory=new_range)
-    user_chars: list[int] = field(default_factory=new_range)
-    assistant_chars: list[int] = field(default_factory=new_range)
+    images_per_record: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    user_chars: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    assistant_chars: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     answers: Counter[str] = field(default_factory=Counter)
     answers_exact: bool = True
     labels: Counter[int] = field(default_factory=Counter)
@@ -84,14 +85,13 @@ def scan_chunk(
     id_digests, image_digests, record_lines = scan.id_digests, scan.image_digests, scan.record_lines
     answers, labels = scan.answers, scan.labels
     seen: set[str] = set()
-    per_record, user, assistant = scan.images_per_record, scan.user_chars, scan.assistant_chars
-    turns = images = 0
+    # lengths go to C arrays and are summed once at the end: cheaper than min/max per turn
+    user_chars, assistant_chars, images_per_record = array("I"), array("I"), array("I")
     number = 0
     for number, data, problem in read_lines(path, start=start, stop=stop):
         if problem is not None:
             scan.add(number, *problem, max_problems)
             continue
-        scan.bytes_read += len(data)
         try:
             record = validate_json(data, context=context)
         except ValidationError as exc:
@@ -101,21 +101,10 @@ def scan_chunk(
         record_lines.append(number)
         id_digests += blake2b(record.id.encode(), digest_size=8).digest()
         conversation = record.conversations
-        turns += len(conversation)
         record_images = 0
         for turn_index, turn in enumerate(conversation):
-            size = len(turn.user)
-            user[1] += size
-            if size < user[2]:
-                user[2] = size
-            if size > user[3]:
-                user[3] = size
-            size = len(turn.assistant)
-            assistant[1] += size
-            if size < assistant[2]:
-                assistant[2] = size
-            if size > assistant[3]:
-                assistant[3] = size
+            user_chars.append(len(turn.user))
+            assistant_chars.append(len(turn.assistant))
             paths = turn.images
             if paths:
                 record_images += len(paths)
@@ -125,16 +114,12 @@ def scan_chunk(
                             seen.add(relative)
                             where = f"conversations.{turn_index}.images.{image_index}"
                             scan.first_references.append((relative, number, where))
+        images_per_record.append(record_images)
         if record_images:
             paths = conversation[0].images if len(conversation) == 1 else record.images
             image_digests += digest("\x00".join(paths))
         else:
             image_digests += NO_IMAGES
-        images += record_images
-        if record_images < per_record[2]:
-            per_record[2] = record_images
-        if record_images > per_record[3]:
-            per_record[3] = record_images
         answer = conversation[-1].assistant.strip()
         answers[answer] = answers.get(answer, 0) + 1
         if record.label is not None:
@@ -144,7 +129,9 @@ def scan_chunk(
             scan.answers_exact = False
     scan.lines = number
     scan.records = len(record_lines)
-    scan.turns, scan.images = turns, images
-    per_record[0], per_record[1] = scan.records, images
-    user[0] = assistant[0] = turns
+    scan.turns = len(user_chars)
+    scan.images = sum(images_per_record)
+    scan.user_chars = count_range(user_chars)
+    scan.assistant_chars = count_range(assistant_chars)
+    scan.images_per_record = count_range(images_per_record)
     return scan
