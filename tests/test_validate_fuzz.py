@@ -99,3 +99,48 @@ def test_damaged_image_files_give_problems_not_exceptions(fmt: str, data) -> Non
             facts, problem = inspect_image(path, deep=deep)
             assert problem is None or ("\n" not in problem and problem)
             assert facts is not None or problem is not None
+
+
+def expected_lines(content: bytes, max_line_bytes: int) -> list[tuple]:
+    """What read_lines must yield, computed the obvious way on the whole content."""
+    lines = content.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    out = []
+    for number, raw in enumerate(lines, 1):
+        if len(raw) > max_line_bytes:
+            out.append((number, None, "(line)"))
+            continue
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+            out.append((number, None, "(encoding)"))
+        out.append((number, raw, None) if raw.strip() else (number, None, "(line)"))
+    return out
+
+
+@FUZZ
+@given(
+    st.lists(st.sampled_from([b"\n", b"{}", b"ab", b" ", b"\xef\xbb\xbf", b"x" * 9]), max_size=30),
+    st.integers(1, 12),
+    st.integers(1, 40),
+    st.integers(4, 12),
+)
+def test_read_lines_matches_a_plain_split(parts, block, chunk, max_line) -> None:
+    from phi3v_data import dataset
+
+    content = b"".join(parts)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "x.jsonl"
+        path.write_bytes(content)
+        saved, dataset.READ_BLOCK_BYTES = dataset.READ_BLOCK_BYTES, block
+        try:
+            got, offset = [], 0
+            for start, stop in dataset.line_chunks(path, chunk):
+                chunk_lines = list(
+                    dataset.read_lines(path, start=start, stop=stop, max_line_bytes=max_line)
+                )
+                got += [(offset + n, data, p and p[0]) for n, data, p in chunk_lines]
+                offset += max((n for n, _, _ in chunk_lines), default=0)
+        finally:
+            dataset.READ_BLOCK_BYTES = saved
+    assert got == expected_lines(content, max_line)
