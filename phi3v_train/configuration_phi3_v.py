@@ -21,6 +21,7 @@ from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPVisionConfig, Phi3Config
+from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import is_flash_attn_2_available
 
 # The vision tower of every released Phi-3(.5)-vision checkpoint (hard-coded in the official code).
@@ -72,7 +73,10 @@ class Phi3VConfig(Phi3Config):
     """Phi3Config + `embd_layer` + `img_processor`; the CLIP tower config is `vision_config`."""
 
     model_type = "phi3_v"
-    sub_configs_defaults = {}
+    # Built in __post_init__ from img_processor; declared so the attention choice reaches CLIP.
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=CLIPVisionConfig, init_kwargs=CLIP_VIT_L_14_336)
+    }
 
     embd_layer: dict | str | None = None
     img_processor: dict | None = None
@@ -94,10 +98,6 @@ class Phi3VConfig(Phi3Config):
         if stored and usable and "attn_implementation" not in kwargs:
             kwargs["attn_implementation"] = stored
         super().__post_init__(**kwargs)
-
-    @property
-    def sub_configs(self) -> dict[str, type]:  # type: ignore[override]
-        return {"vision_config": CLIPVisionConfig}
 
     def convert_rope_params_to_dict(self, default_theta: float = 10_000.0, **kwargs):
         """Accept the official `rope_scaling: {"type": "su", ...}` (and our own saved form)."""

@@ -283,7 +283,7 @@ class Phi3VModel(Phi3VPreTrainedModel):
     ) -> torch.Tensor:
         """Token embeddings with the image features written into the placeholder positions."""
         placeholders = image_placeholder_mask(input_ids)
-        inputs_embeds = self.embed_tokens(input_ids.clamp(min=0, max=self.vocab_size - 1))
+        inputs_embeds = self.embed_tokens(input_ids.clamp(min=0))  # placeholders look up row 0
         num_positions = int(placeholders.sum())
         if num_positions == 0:
             return inputs_embeds
