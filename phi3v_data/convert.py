@@ -81,6 +81,7 @@ from pydantic import ValidationError
 
 from phi3v_data.dataset import IMAGES_DIRNAME, INFO_FILENAME, record_context
 from phi3v_data.schema import DatasetInfo, Record
+from phi3v_data.validate import _start_method
 
 ENTRY_POINT_GROUP = "phi3v.converters"
 BUILTIN_PACKAGE = "phi3v_data.builtin_converters"
@@ -508,7 +509,7 @@ def _execute(
         yield from map(_run_item, todo)
         return
     chunksize = max(1, min(16, len(todo) // (workers * 8)))
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    context = multiprocessing.get_context(_start_method())  # fork, unless torch is loaded
     with context.Pool(workers, _init_worker, (converter_cls, images, info)) as pool:
         yield from pool.imap_unordered(_run_item, todo, chunksize=chunksize)
 
