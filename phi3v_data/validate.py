@@ -345,22 +345,31 @@ class _Validation:
 
     def check_shared_images(self) -> None:
         """The same image list in a train split and another split is a leak."""
+        if not self.files:
+            return
         digests = np.frombuffer(self.image_digests, dtype=np.uint64)
-        is_train = np.zeros(len(digests), dtype=bool)
-        bounds = [start for start, _, _ in self.files] + [len(digests)]
-        for (start, _, split), end in zip(self.files, bounds[1:], strict=True):
-            is_train[start:end] = _is_train(split)
-        has_images = digests != 0
-        train = digests[is_train & has_images]
-        if not len(train):
+        ends = [start for start, _, _ in self.files[1:]] + [len(digests)]
+        ranges = [
+            (start, end, split) for (start, _, split), end in zip(self.files, ends, strict=True)
+        ]
+        train_ranges = [(start, end) for start, end, split in ranges if _is_train(split)]
+        if not train_ranges:
             return
-        leaks = np.nonzero(~is_train & has_images & np.isin(digests, train))[0]
-        if not len(leaks):
+        train = np.unique(np.concatenate([digests[start:end] for start, end in train_ranges]))
+        train = train[train != 0]
+        leaks: list[int] = []
+        for start, end, split in ranges:
+            if not _is_train(split):
+                part = digests[start:end]
+                leaks += (np.nonzero(np.isin(part, train))[0] + start).tolist()
+        if not leaks:
             return
+        leaked = np.unique(digests[leaks])
         first_train: dict[int, int] = {}
-        for index in np.nonzero(is_train & np.isin(digests, digests[leaks]))[0].tolist():
-            first_train.setdefault(int(digests[index]), index)
-        for index in leaks.tolist():
+        for start, end in train_ranges:
+            for index in (np.nonzero(np.isin(digests[start:end], leaked))[0] + start).tolist():
+                first_train.setdefault(int(digests[index]), index)
+        for index in leaks:
             train_path, train_line, _ = self._where(first_train[int(digests[index])])
             path, line, split = self._where(index)
             message = (
@@ -386,16 +395,25 @@ def _train_first(item: tuple[str, Path]) -> tuple[bool, str]:
 
 
 def _repeats(digests: np.ndarray) -> list[tuple[int, int]]:
-    """``(first index, later index)`` for every repeated value, in file order of the later one."""
-    order = np.argsort(digests, kind="stable")
-    ordered = digests[order]
-    same = np.nonzero(ordered[1:] == ordered[:-1])[0]
-    pairs, first = [], -1
-    for position in same.tolist():
-        if position == 0 or ordered[position - 1] != ordered[position]:
-            first = int(order[position])
-        pairs.append((first, int(order[position + 1])))
-    return sorted(pairs, key=lambda pair: pair[1])
+    """``(first index, later index)`` for every repeated value, in order of the later index.
+
+    One sorted copy (8 bytes per record) finds whether anything repeats at all; only then are
+    the repeats located.
+    """
+    ordered = np.sort(digests)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    del ordered
+    if not len(repeated):
+        return []
+    first: dict[int, int] = {}
+    pairs = []
+    for index in np.nonzero(np.isin(digests, repeated))[0].tolist():
+        value = int(digests[index])
+        if value in first:
+            pairs.append((first[value], index))
+        else:
+            first[value] = index
+    return pairs
 
 
 def available_cores() -> int:
