@@ -9,8 +9,9 @@ files, ``dataset.json`` and a missing ``images/`` folder. Each problem is one li
 
 Large files are cut into chunks checked by worker processes (:mod:`phi3v_data.record_scan`);
 image files are checked once per distinct path, and a bad one is reported at the first record
-that names it. Memory is flat but for 20 bytes per record: ids and image lists are kept as 8-byte
-blake2b digests (a false "duplicate" needs a 64-bit collision), plus the 4-byte line number.
+that names it. Memory grows by about 20 bytes per record: ids and image lists are kept as 8-byte
+blake2b digests (a false "duplicate" needs a 64-bit collision) with the 4-byte line number, plus
+one sorted copy of the id digests while looking for repeats at the end.
 """
 
 from __future__ import annotations
