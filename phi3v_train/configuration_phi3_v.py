@@ -169,6 +169,8 @@ class Phi3VConfig(Phi3Config):
             if key in full:
                 output[key] = full[key]
         output.pop("vision_config", None)
+        if output.get("dtype") is not None:
+            output["torch_dtype"] = output["dtype"]  # the key readers older than transformers 5 use
         return output
 
 

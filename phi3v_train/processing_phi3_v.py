@@ -37,6 +37,12 @@ class Phi3VProcessor(ProcessorMixin):
             processor.image_processor.num_crops = int(num_crops)
         return processor
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """The processor files plus `preprocessor_config.json`, as official directories have."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        self.image_processor.save_pretrained(save_directory)
+        return result
+
     @property
     def pad_token_id(self) -> int:
         pad = self.tokenizer.pad_token_id

@@ -245,9 +245,7 @@ def write_tiny(out_dir: Path, seed: int = 0) -> None:
     model = Phi3VForCausalLM(config)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=pad_id)
     model.save_pretrained(out_dir)
-    image_processor = Phi3VImageProcessor(num_crops=NUM_CROPS)
-    Phi3VProcessor(image_processor, tokenizer).save_pretrained(out_dir)
-    image_processor.save_pretrained(out_dir)  # preprocessor_config.json, as official directories
+    Phi3VProcessor(Phi3VImageProcessor(num_crops=NUM_CROPS), tokenizer).save_pretrained(out_dir)
 
 
 def make_tiny(out_dir: Path, seed: int = 0, *, overwrite: bool = False) -> Path:
