@@ -34,7 +34,6 @@ import numpy as np
 
 from phi3v_data.dataset import (
     INFO_FILENAME,
-    DatasetError,
     images_root,
     line_chunks,
     misnamed_message,
@@ -569,9 +568,6 @@ def validate_command(
             jobs=jobs,
             progress=sys.stderr.isatty(),
         )
-    except DatasetError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
     except OSError as exc:
         click.echo(f"error: cannot read {exc.filename or path}: {exc.strerror or exc}", err=True)
         sys.exit(2)

@@ -357,6 +357,20 @@ def test_cli_exit_codes_and_formats(good_dataset: Path, tmp_path: Path) -> None:
     assert phi3v_data("--help").returncode == 0
 
 
+def test_cli_io_error_exits_2_with_one_line(good_dataset: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    def unreadable(path, **options):
+        raise PermissionError(13, "Permission denied", str(path / "toy_train.jsonl"))
+
+    monkeypatch.setattr(validate_module, "validate_dataset", unreadable)
+    result = CliRunner().invoke(validate_module.validate_command, [str(good_dataset)])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: cannot read {good_dataset / 'toy_train.jsonl'}: Permission denied"
+    )
+
+
 def test_cli_reports_every_bad_input_without_traceback(tmp_path: Path) -> None:
     jpeg = image_bytes("JPEG", size=(128, 96))
     images = {
