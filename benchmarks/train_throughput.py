@@ -256,7 +256,7 @@ class RunSpec:
     mode: str
     attn: str
     device: str
-    dtype: str
+    precision: str
     steps: int
     warmup: int
     micro_batch: int
@@ -265,6 +265,7 @@ class RunSpec:
     config_dir: str
     peak_tflops: float | None
     clip_on_padding: bool = False
+    checkpoint_every: int = 1
     seed: int = 0
 
 
@@ -274,6 +275,7 @@ class RunResult:
     attn: str
     status: str = "ok"
     error: str | None = None
+    weights: str | None = None
     img_per_s: float | None = None
     tokens_per_s: float | None = None
     tflops_per_s: float | None = None
@@ -281,6 +283,7 @@ class RunResult:
     peak_mem_gib: float | None = None
     step_s_mean: float | None = None
     step_s_max: float | None = None
+    cpu_s_per_step: float | None = None  # process CPU time: steadier than wall time on a busy CPU
     tokens_per_sample: float | None = None
     tflop_per_sample: float | None = None
     trainable_params: int | None = None
@@ -303,12 +306,32 @@ def detect_peak_tflops(device: str) -> tuple[str, float | None]:
     return name, None
 
 
-def build_model(config: Phi3VConfig, spec: RunSpec) -> torch.nn.Module:
-    """Random weights created directly on the device in the run's dtype."""
+def trainer_config(spec: RunSpec) -> TrainConfig:
+    """The trainer's configuration for this mode's flags (--bf16 on a GPU)."""
+    flags = {
+        "full": {},
+        "frozen-vision": {"freeze_vision_model": True},
+        "lora": {"use_lora": True, "lora_rank": spec.lora_rank},
+        "qlora": {"use_qlora": True, "lora_rank": spec.lora_rank},
+    }[spec.mode]
+    return TrainConfig(bf16=spec.device.startswith("cuda"), **flags)
+
+
+def weights_dtype(spec: RunSpec, train_config: TrainConfig) -> torch.dtype:
+    """The trainer's rule (phi3v_train.train.load_model): under --bf16 a LoRA base is bf16 and
+    full fine-tuning keeps fp32 master weights (bf16 autocast); --precision bf16 makes every
+    weight bf16 (pure bf16 training: half the memory, no casts)."""
+    if not train_config.bf16:
+        return torch.float32
+    if spec.precision == "bf16" or train_config.lora:
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_model(config: Phi3VConfig, spec: RunSpec, dtype: torch.dtype) -> torch.nn.Module:
+    """Random weights created directly on the device."""
     with torch.device(spec.device):
-        model = Phi3VForCausalLM._from_config(
-            config, dtype=getattr(torch, spec.dtype), attn_implementation=spec.attn
-        )
+        model = Phi3VForCausalLM._from_config(config, dtype=dtype, attn_implementation=spec.attn)
     model.model.vision_embed_tokens.skip_padding_crops = not spec.clip_on_padding
     return model
 
@@ -349,24 +372,14 @@ def quantize_nf4(model: torch.nn.Module, quantization: Any) -> None:
     model.is_loaded_in_4bit = True  # PEFT then wraps the 4-bit layers with its QLoRA adapters
 
 
-def apply_mode(model: torch.nn.Module, spec: RunSpec) -> tuple[torch.nn.Module, Any]:
-    """Freeze / LoRA / QLoRA with the trainer's own code for the same flags.
-
-    Returns the model (PEFT-wrapped under LoRA) and the trainer's `TrainConfig` for these flags.
-    """
-    flags = {
-        "full": {},
-        "frozen-vision": {"freeze_vision_model": True},
-        "lora": {"use_lora": True, "lora_rank": spec.lora_rank},
-        "qlora": {"use_qlora": True, "lora_rank": spec.lora_rank},
-    }[spec.mode]
-    train_config = TrainConfig(bf16=spec.dtype == "bfloat16", **flags)
+def apply_mode(model: torch.nn.Module, spec: RunSpec, train_config: TrainConfig):
+    """Freeze / LoRA / QLoRA with the trainer's own code; the model is PEFT-wrapped under LoRA."""
     if train_config.use_qlora:
         quantize_nf4(model, quantization_config(train_config, torch.device(spec.device)))
     if train_config.lora:
-        return apply_lora(model, train_config), train_config
+        return apply_lora(model, train_config)
     apply_freezing(model, train_config)
-    return model, train_config
+    return model
 
 
 def observed_training(model: torch.nn.Module, lora_rank: int) -> Training:
@@ -387,12 +400,8 @@ def observed_training(model: torch.nn.Module, lora_rank: int) -> Training:
     return Training(**found, lora_rank=lora_rank)
 
 
-def move(inputs: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> dict:
-    moved = {}
-    for key, value in inputs.items():
-        value = value.to(device)
-        moved[key] = value.to(dtype) if value.is_floating_point() else value
-    return moved
+def move(inputs: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in inputs.items()}
 
 
 def synchronize(device: str) -> None:
@@ -403,11 +412,22 @@ def synchronize(device: str) -> None:
 def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
     """Build, set up and train the model; time `steps` steps after `warmup` untimed ones."""
     torch.manual_seed(spec.seed)
-    dtype = getattr(torch, spec.dtype)
     config = Phi3VConfig.from_pretrained(spec.config_dir)
-    model, train_config = apply_mode(build_model(config, spec), spec)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    train_config = trainer_config(spec)
+    dtype = weights_dtype(spec, train_config)
+    model = apply_mode(build_model(config, spec, dtype), spec, train_config)
+    if spec.checkpoint_every:  # 1 = every layer, as the recipe and the trainer
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False},
+            every_n_layers=spec.checkpoint_every,
+        )
+    model.config.use_cache = False
     model.train()
+    autocast = torch.autocast(
+        device_type=torch.device(spec.device).type,
+        dtype=torch.bfloat16,
+        enabled=train_config.bf16,
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         param_groups(model, train_config),
@@ -415,19 +435,20 @@ def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
         eps=1e-7,
         fused=spec.device.startswith("cuda"),
     )
-    device_batches = [(move(b.inputs, spec.device, dtype), b) for b in batches]
+    device_batches = [(move(b.inputs, spec.device), b) for b in batches]
     # Peak memory of training only: the bf16 copy QLoRA quantizes from is gone by now.
     gc.collect()
     if spec.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(spec.device)
 
-    step_times = []
+    step_times, cpu_times = [], []
     for step in range(spec.warmup + spec.steps):
         inputs, _ = device_batches[step % len(device_batches)]
         synchronize(spec.device)
-        start = time.perf_counter()
-        loss = model(**inputs).loss
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with autocast:
+            loss = model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -437,6 +458,7 @@ def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
             raise FloatingPointError(f"loss is {loss.item()} at step {step}")
         if step >= spec.warmup:
             step_times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
 
     timed = [
         device_batches[s % len(device_batches)][1]
@@ -452,6 +474,7 @@ def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
     result = RunResult(
         mode=spec.mode,
         attn=spec.attn,
+        weights=describe_weights(dtype, train_config),
         img_per_s=sum(batch.images for batch in timed) / elapsed,
         tokens_per_s=sum(batch.tokens for batch in timed) / elapsed,
         tflops_per_s=tflops_per_s,
@@ -463,6 +486,7 @@ def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
         ),
         step_s_mean=elapsed / len(step_times),
         step_s_max=max(step_times),
+        cpu_s_per_step=sum(cpu_times) / len(cpu_times),
         tokens_per_sample=sum(s.seq_len for s in shapes) / len(shapes),
         tflop_per_sample=flops.total / len(shapes) / 1e12,
         trainable_params=sum(p.numel() for p in params),
@@ -474,6 +498,13 @@ def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
     if spec.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return result
+
+
+def describe_weights(dtype: torch.dtype, train_config: TrainConfig) -> str:
+    base = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    if train_config.use_qlora:
+        base = f"nf4+{base}"
+    return f"{base}, bf16 autocast" if train_config.bf16 else base
 
 
 def error_row(mode: str, attn: str, status: str, error: str) -> RunResult:
@@ -540,7 +571,7 @@ def _fmt(value: float | None, digits: int) -> str:
 
 def format_table(rows: list[RunResult]) -> str:
     header = (
-        "| mode | attention | img/s | tokens/s | TFLOP/s | MFU | peak GiB | s/step | "
+        "| mode | attention | weights | img/s | tokens/s | TFLOP/s | MFU | peak GiB | s/step | "
         "tokens/sample | TFLOP/sample | trainable params | original (A100, per GPU) | status |"
     )
     lines = [header, "|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|"]
@@ -552,6 +583,7 @@ def format_table(rows: list[RunResult]) -> str:
                 [
                     row.mode,
                     row.attn,
+                    row.weights or "–",
                     _fmt(row.img_per_s, 3),
                     _fmt(row.tokens_per_s, 0),
                     _fmt(row.tflops_per_s, 1),
@@ -629,6 +661,21 @@ def _split(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
     is_flag=True,
     help="Run CLIP on the zero-padded crops as the official code.",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["trainer", "bf16"]),
+    default="trainer",
+    show_default=True,
+    help="trainer: fp32 master weights for full/frozen-vision, bf16 LoRA bases (phi3v-train "
+    "--bf16); bf16: every weight bf16. On CPU both mean fp32.",
+)
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(0),
+    default=1,
+    show_default=True,
+    help="Gradient checkpointing of every n-th layer (1: all, as the recipe; 0: off).",
+)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--worker", "worker_payload", hidden=True, default=None)
 def main(
@@ -647,6 +694,8 @@ def main(
     timeout: float,
     budget: float | None,
     clip_on_padding: bool,
+    precision: str,
+    checkpoint_every: int,
     out: Path | None,
     worker_payload: str | None,
 ) -> None:
@@ -689,7 +738,8 @@ def main(
                     mode=mode,
                     attn=attention,
                     device=device,
-                    dtype="bfloat16" if on_gpu else "float32",
+                    precision=precision,
+                    checkpoint_every=checkpoint_every,
                     steps=steps,
                     warmup=warmup,
                     micro_batch=micro_batch,

@@ -26,13 +26,15 @@ def run_harness(*args: str, timeout: float = 170) -> subprocess.CompletedProcess
     )
 
 
-def table_rows(markdown: str) -> dict[tuple[str, str], list[str]]:
-    """(mode, attention) -> cells of every data row of the markdown table."""
-    rows = {}
+def table_rows(markdown: str) -> dict[tuple[str, str], dict[str, str]]:
+    """(mode, attention) -> {column: cell} for every data row of the markdown table."""
+    rows, header = {}, None
     for line in markdown.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and cells[0] in MODES:
-            rows[(cells[0], cells[1])] = cells
+        if line.startswith("| mode |"):
+            header = cells
+        elif line.startswith("| ") and cells[0] in MODES:
+            rows[(cells[0], cells[1])] = dict(zip(header, cells, strict=True))
     return rows
 
 
@@ -53,12 +55,14 @@ def test_tiny_run_measures_every_mode_and_writes_markdown_and_json(tmp_path):
     rows = table_rows(proc.stdout)
     for mode in MODES:
         cells = rows[(mode, "sdpa")]
-        assert cells[-1] == "ok", cells
-        assert float(cells[2]) > 0 and float(cells[3]) > 0  # img/s, tokens/s
+        assert cells["status"] == "ok", cells
+        assert float(cells["img/s"]) > 0 and float(cells["tokens/s"]) > 0
+        # CPU: fp32 weights, as phi3v-train without --bf16; QLoRA's linear layers are 4-bit.
+        assert cells["weights"] == ("nf4+fp32" if mode == "qlora" else "fp32")
     # flash-attn has no CPU build: reported as a row, the other rows still ran.
     if importlib.util.find_spec("flash_attn") is None:
         for mode in MODES:
-            assert rows[(mode, "flash_attention_2")][-1].startswith("skipped: flash_attn")
+            assert rows[(mode, "flash_attention_2")]["status"].startswith("skipped: flash_attn")
 
     assert table_rows(out.read_text()).keys() == rows.keys()
     payload = json.loads(out.with_suffix(".json").read_text())
@@ -84,7 +88,7 @@ def test_an_isolated_run_measures_in_its_own_process_and_keeps_its_log(tmp_path)
         "--modes", "full", "--attn", "eager", "--isolate", "--out", str(out), timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert table_rows(proc.stdout)[("full", "eager")][-1] == "ok"
+    assert table_rows(proc.stdout)[("full", "eager")]["status"] == "ok"
     assert (tmp_path / "iso_logs" / "full_eager.log").is_file()
 
 
@@ -93,7 +97,7 @@ def _spec(harness, tmp_path, mode="full"):
         mode=mode,
         attn="sdpa",
         device="cpu",
-        dtype="float32",
+        precision="trainer",
         steps=1,
         warmup=0,
         micro_batch=1,
