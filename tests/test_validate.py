@@ -64,8 +64,9 @@ def good_dataset(tmp_path: Path) -> Path:
     )
 
 
-def test_valid_dataset_has_no_problem_and_a_true_summary(good_dataset: Path) -> None:
-    report = run_validate(good_dataset)
+def test_valid_dataset_has_no_problem_and_a_true_summary(good_dataset: Path, capsys) -> None:
+    report = run_validate(good_dataset, progress=True)
+    assert "validate: 100%" in capsys.readouterr().err
     assert report.ok, report.format_text()
     summary = report.summary.to_json()
     assert summary["records"] == 4 and summary["turns"] == 4
