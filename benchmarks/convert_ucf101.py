@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import statistics
 import tempfile
@@ -229,16 +230,26 @@ def selects_right_frames(
     return True
 
 
-def time_interleaved(videos: list[Path], methods: dict, rounds: int) -> dict[str, float]:
-    """Best ms per clip of each method; every round runs each method once, in turn."""
-    best = dict.fromkeys(methods, float("inf"))
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the --workers pool)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def time_interleaved(
+    videos: list[Path], methods: dict, rounds: int
+) -> dict[str, tuple[float, float]]:
+    """Best (wall, CPU) ms per clip of each method; each round runs every method once, in turn."""
+    best = {name: (float("inf"), float("inf")) for name in methods}
     for _ in range(rounds):
         for name, read in methods.items():
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             for video in videos:
                 read(video)
-            best[name] = min(best[name], time.perf_counter() - started)
-    return {name: seconds / len(videos) * 1000 for name, seconds in best.items()}
+            wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+    return {name: (w / len(videos) * 1000, c / len(videos) * 1000) for name, (w, c) in best.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,25 +280,30 @@ def main() -> None:
               f"in {time.perf_counter() - started:.1f} s")  # fmt: skip
 
         # 1) throughput, interleaved rounds
-        best = {"original (PyAV, decode to last index)": [], "ours --workers 1": [],
-                "ours --workers 2": []}  # fmt: skip
+        original = "original (PyAV, decode to last index)"
+        wall = {original: [], "ours --workers 1": [], "ours --workers 2": []}
+        cpu = {label: [] for label in wall}
         for round_index in range(args.rounds):
-            for label in best:
-                out = work / f"out-{round_index}-{len(best[label])}-{label.split()[-1]}"
-                started = time.perf_counter()
-                if label.startswith("original"):
+            for label in wall:
+                out = work / f"out-{round_index}-{label.split()[-1]}"
+                started, cpu_started = time.perf_counter(), cpu_seconds()
+                if label == original:
                     original_convert(videos, out)
                 else:
                     workers = int(label.split()[-1])
                     run_conversion(Ucf101Converter, raw, out, options, workers=workers)
-                best[label].append(time.perf_counter() - started)
+                wall[label].append(time.perf_counter() - started)
+                cpu[label].append(cpu_seconds() - cpu_started)
                 shutil.rmtree(out)
-        base = len(videos) / min(best["original (PyAV, decode to last index)"])
+        base = len(videos) / min(wall[original])
+        base_cpu = min(cpu[original])
         print(f"\nthroughput, best of {args.rounds} interleaved rounds ({len(videos)} clips, "
-              f"{NUM_FRAMES} frames each, JPEGs written):")  # fmt: skip
-        for label, seconds in best.items():
+              f"{NUM_FRAMES} frames each, JPEGs written; load {os.getloadavg()[0]:.2f}):")  # fmt: skip
+        for label, seconds in wall.items():
             rate = len(videos) / min(seconds)
-            print(f"  {label:<40} {rate:7.1f} videos/s   x{rate / base:.2f}")
+            cpu_ms = min(cpu[label]) / len(videos) * 1000
+            print(f"  {label:<40} {rate:7.1f} videos/s   x{rate / base:.2f}   "
+                  f"CPU {cpu_ms:5.1f} ms/video (x{base_cpu / min(cpu[label]):.2f} less)")  # fmt: skip
 
         # 2) same frames selected as the original
         same = 0
@@ -300,7 +316,8 @@ def main() -> None:
         print(f"\nsame frames as the original method: {same}/{len(videos)} clips")
 
         # 3) frame access alone: ours vs OpenCV grab/seek, short and long keyframe intervals
-        print("\nframe access only (8 frames + frame-count check, no JPEG), ms per clip:")
+        print("\nframe access only (8 frames + frame-count check, no JPEG), per clip, best of "
+              f"{args.rounds} interleaved rounds:")  # fmt: skip
         for label, writer in (("GOP 12 (OpenCV XVID)", write_opencv),
                               ("GOP 250 (PyAV mpeg4)", write_long_gop)):  # fmt: skip
             clips = synthesize(work / label.split()[1], args.access_videos, writer)
@@ -312,14 +329,15 @@ def main() -> None:
                 "OpenCV seek": opencv_seek_frames,
             }
             timings = time_interleaved(clips, methods, args.rounds)
+            base_wall, base_cpu = timings["original (PyAV)"]
             for name, read in methods.items():
                 exact = ""
                 if name != "original (PyAV)":
                     hits = sum(selects_right_frames(c, *read(c)[1:], reference[c]) for c in clips)
                     exact = f"exact {hits}/{len(clips)}"
-                ms = timings[name]
-                print(f"  {label:<22} {name:<21} {ms:7.1f} ms  x{timings['original (PyAV)'] / ms:.2f}"
-                      f"   {exact}")  # fmt: skip
+                wall, cpu = timings[name]
+                print(f"  {label:<22} {name:<21} wall {wall:6.1f} ms x{base_wall / wall:.2f}   "
+                      f"CPU {cpu:6.1f} ms x{base_cpu / cpu:.2f}   {exact}")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

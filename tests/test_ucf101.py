@@ -11,6 +11,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from phi3v_data.builtin_converters import ucf101
 from phi3v_data.builtin_converters.ucf101 import (
     Ucf101Converter,
     read_class_index,
@@ -331,8 +332,14 @@ def test_sample_indices_are_the_originals() -> None:
     ],
 )
 def test_frames_are_the_sampled_indices(
-    tmp_path: Path, true_count: int, claimed: int | None, num_frames: int
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    true_count: int,
+    claimed: int | None,
+    num_frames: int,
 ) -> None:
+    """Well-formed clips take the keyframe path, also when the header's count is wrong."""
+    monkeypatch.setattr(ucf101, "_decode_sequentially", _no_fallback)
     video = write_counting_video(tmp_path / "v.avi", true_count)
     if claimed is not None:
         set_avi_frame_count(video, claimed)
@@ -340,6 +347,10 @@ def test_frames_are_the_sampled_indices(
     assert count == true_count
     assert indices == sample_indices(true_count, num_frames)
     assert [counted_index(np.asarray(frame)) for frame in frames] == indices
+
+
+def _no_fallback(*_args):
+    raise AssertionError("fell back to decoding from the start")
 
 
 def test_truncated_video_uses_the_frames_it_has(tmp_path: Path) -> None:
@@ -360,7 +371,9 @@ def test_written_jpegs_show_the_sampled_frames(official_out: Path) -> None:
     assert shown == sample_indices(12, 8) == record["meta"]["frames"]
 
 
-def test_timestamp_gap_falls_back_to_counting_decoded_frames(tmp_path: Path) -> None:
+def test_timestamp_gap_falls_back_to_counting_decoded_frames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A clip whose timestamps jump (a dropped frame) is sampled by decoded-frame ordinal,
     as the original recipe does, with T counted by decoding (the header says 22)."""
     path = tmp_path / "gap.avi"
@@ -372,6 +385,10 @@ def test_timestamp_gap_falls_back_to_counting_decoded_frames(tmp_path: Path) -> 
             frame.pts, frame.time_base = index + (2 if index >= 10 else 0), Fraction(1, 25)
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
+    calls = []
+    original = ucf101._decode_sequentially
+    monkeypatch.setattr(ucf101, "_decode_sequentially", lambda *a: calls.append(a) or original(*a))
     count, indices, frames = read_sampled_frames(path, 8)
+    assert calls, "a clip with a timestamp gap must fall back"
     assert count == 20 and indices == sample_indices(20, 8)
     assert [counted_index(np.asarray(frame)) for frame in frames] == indices
