@@ -255,6 +255,16 @@ def iter_records(
         yield number, record
 
 
+def iter_dataset(data_dir: Path) -> Iterator[tuple[str, int, Record]]:
+    """``(split, line number, Record)`` for every record of a dataset directory, split by split
+    (sorted by name), schema-checked; raises :class:`DatasetError` at the first defect."""
+    data_dir = Path(data_dir)
+    info = load_info(data_dir)
+    for split, path in sorted(find_splits(data_dir).items()):
+        for number, record in iter_records(path, info=info, split=split):
+            yield split, number, record
+
+
 def read_split(data_dir: Path, split: str) -> list[Record]:
     """Every record of one split of a dataset directory (schema-checked)."""
     data_dir = Path(data_dir)

@@ -12,6 +12,7 @@ from phi3v_data.dataset import (
     DatasetError,
     find_splits,
     images_root,
+    iter_dataset,
     iter_records,
     line_chunks,
     load_info,
@@ -116,3 +117,11 @@ def test_read_lines_skips_a_huge_line_in_bounded_memory(tmp_path: Path) -> None:
         (2, None, ("(line)", "line longer than 100 bytes; skipped")),
         (3, b"{}", None),
     ]
+
+
+def test_iter_dataset_walks_every_split(tmp_path: Path) -> None:
+    dataset = write_dataset(
+        tmp_path / "toy", {"train": [record("a"), record("b")], "test": [record("c")]}
+    )
+    walked = [(split, line, item.id) for split, line, item in iter_dataset(dataset)]
+    assert walked == [("test", 1, "c"), ("train", 1, "a"), ("train", 2, "b")]
