@@ -3,7 +3,7 @@
 Reproduces the original recipe's speed table (DocVQA-like load: one document image per sample,
 num_crops 16, about 2443 tokens per sample, micro-batch 1, gradient checkpointing on) on our stack:
 
-    python benchmarks/train_throughput.py --out benchmarks/results/h100.md
+    python benchmarks/train_throughput.py --out gpu_out/throughput.md
     python benchmarks/train_throughput.py --modes full,lora --attn sdpa --steps 12
     python benchmarks/train_throughput.py --tiny          # the same code, tiny model, CPU (CI)
 
@@ -12,12 +12,15 @@ For every mode (full fine-tuning, frozen vision, LoRA r64, QLoRA nf4) and attent
 against the GPU's dense bf16 peak and the peak GPU memory (torch.cuda.max_memory_allocated), with
 the warm-up steps excluded from the timing. Model FLOPs are counted by `phi3v_train.flops` (6·N per
 token for trained weights, 4·N for frozen weights inside the gradient path, 2·N for frozen weights
-before it, plus attention; no recomputation): about 76 TFLOP per full fine-tuning sample.
+before it, plus attention; no recomputation): about 77 TFLOP per full fine-tuning sample.
 
 What runs:
 - the model is the full-size Phi-3.5-vision architecture built from its official configuration
-  (embedded below; `--config config.json` reads another file) with random bf16 weights created
+  (embedded below; `--config config.json` reads another file) with random weights created
   directly on the device; nothing is downloaded and ../shared is not needed;
+- precision is the trainer's under `--bf16`: fp32 master weights with bf16 autocast for full and
+  frozen-vision training, bf16 bases for LoRA and QLoRA; `--precision bf16` makes every weight
+  bf16 (half the memory of full fine-tuning, no casts); on CPU everything is fp32;
 - the samples are synthetic document pages (letter and A4 portrait pages, a landscape page) run
   through the project's real data path: `Phi3VProcessor` (the tiny preset's offline tokenizer,
   which has the official special tokens) and `encode_for_training` + `TrainCollator`; they are
