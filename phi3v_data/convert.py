@@ -450,6 +450,8 @@ def run_conversion(
     manifest = {"identity": identity, "complete": False}
     if not src.exists():
         raise SourceError(src, "does not exist")
+    if src.resolve().is_relative_to(out_dir.resolve()):
+        raise OutputError(f"{out_dir}: holds SRC {src}; choose an --out_dir outside it")
     state = _check_output(out_dir, manifest, overwrite)
     if state == "complete":
         return json.loads((out_dir / REPORT_FILENAME).read_text(encoding="utf-8"))
@@ -586,6 +588,9 @@ def _converter_command(entry: ConverterEntry) -> click.Command:
             )
         except (SourceError, OutputError) as error:
             click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+        except OSError as error:  # unreadable SRC file, full disk, ...
+            click.echo(f"error: {error.filename or out_dir}: {error.strerror}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume", err=True)

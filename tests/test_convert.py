@@ -211,6 +211,14 @@ def test_refuses_foreign_output_unless_overwrite(raw: Path, tmp_path: Path) -> N
     assert other.returncode == 2 and tree_digest(out) == before
 
 
+def test_never_overwrites_its_own_source(raw: Path) -> None:
+    before = tree_digest(raw)
+    result = run_cli("convert", "ucf101", str(raw / "UCF-101"), "--out_dir", str(raw),
+                     "--video_root", str(raw / "UCF-101"), "--overwrite")  # fmt: skip
+    assert result.returncode == 2 and "holds SRC" in result.stderr
+    assert tree_digest(raw) == before
+
+
 def _kill_when(process: subprocess.Popen, out: Path, min_images: int) -> bool:
     """SIGKILL the process group once ``min_images`` frames exist; False if it ended first."""
     images = out / "images"
