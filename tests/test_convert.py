@@ -296,3 +296,16 @@ def test_torn_journal_line_is_ignored(raw: Path, reference: dict[str, str], tmp_
     (out / "ucf101_val.jsonl").unlink()
     assert run_cli(*args).returncode == 0
     assert tree_digest(out) == reference
+
+
+def test_benchmark_runs_and_selects_the_originals_frames() -> None:
+    """The benchmark script in a tiny configuration: it runs, and our frames are the original's."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/convert_ucf101.py", "--videos", "2", "--rounds", "1",
+         "--access_videos", "1"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "same frames as the original method: 2/2 clips" in result.stdout
+    ours = [line for line in result.stdout.splitlines() if "ours (PyAV keyframe)" in line]
+    assert len(ours) == 2 and all(line.rstrip().endswith("exact 1/1") for line in ours)
