@@ -27,6 +27,7 @@ from ucf101_helpers import (
     run_cli,
     set_avi_frame_count,
     write_counting_video,
+    write_video,
 )
 
 from phi3v_data.convert import run_conversion
@@ -392,3 +393,12 @@ def test_timestamp_gap_falls_back_to_counting_decoded_frames(
     assert calls, "a clip with a timestamp gap must fall back"
     assert count == 20 and indices == sample_indices(20, 8)
     assert [counted_index(np.asarray(frame)) for frame in frames] == indices
+
+
+def test_frame_size_and_fps_come_from_the_file(tmp_path: Path) -> None:
+    """Some real clips are 400x226 at 29.97 fps: nothing assumes 320x240 at 25 fps."""
+    frames = [counting_frame(i, (80, 46)) for i in range(40)]
+    video = write_video(tmp_path / "v.avi", frames, fps=29.97)
+    count, indices, images = read_sampled_frames(video, 8)
+    assert count == 40 and all(image.size == (80, 46) for image in images)
+    assert [counted_index(np.asarray(image)) for image in images] == indices
