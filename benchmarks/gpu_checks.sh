@@ -31,10 +31,10 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 DRY_RUN="${DRY_RUN:-0}"
-BENCH_ARGS=(--attn sdpa,flash_attention_2,eager --steps 6 --warmup 2)
+BENCH_ARGS=(--isolate --attn sdpa,flash_attention_2,eager --steps 6 --warmup 2)
 NEED_GPU="torch.cuda.is_available()"
 if [ "$DRY_RUN" = 1 ]; then
-    BENCH_ARGS=(--tiny --attn sdpa,flash_attention_2)
+    BENCH_ARGS=(--isolate --tiny --attn sdpa,flash_attention_2)
     NEED_GPU="True"
 fi
 
