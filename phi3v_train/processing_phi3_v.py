@@ -73,8 +73,18 @@ class Phi3VProcessor(ProcessorMixin):
         return_tensors: str | None = "pt",
         padding_side: str = "right",
         num_crops: int | None = None,
-        **kwargs,
+        padding: bool | str = True,
     ) -> BatchFeature:
+        """Prompt(s) + the flat image list -> input_ids, attention_mask (+ pixel_values,
+        image_sizes). Tensors are PyTorch; a list of prompts is padded to its longest prompt.
+        There is no truncation: cutting through an image run would break the placeholders, so
+        length limits belong to the data pipeline."""
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"Phi3VProcessor returns PyTorch tensors only, not {return_tensors!r}")
+        if padding not in (True, False, "longest"):
+            raise ValueError(
+                f"padding must be True/'longest' (to the longest prompt), got {padding!r}"
+            )
         if text is None:
             raise ValueError("Phi3VProcessor needs text (a prompt or a list of prompts)")
         if padding_side not in ("right", "left"):

@@ -289,3 +289,20 @@ def test_clip_runs_only_on_real_crops_with_identical_outputs(tiny) -> None:
     assert seen == [sum(1 + rows * cols for rows, cols in grids), 3 * 17]
     assert seen[0] < seen[1]
     assert (skipped - everything).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"return_tensors": "np"}, "PyTorch tensors only"),
+        ({"padding": "max_length"}, "padding must be"),
+        ({"padding_side": "middle"}, "padding_side must be"),
+        ({"text": None}, "needs text"),
+        ({"images": []}, "1 image tags but 0 images"),
+    ],
+)
+def test_processor_rejects_what_it_cannot_do(tiny, kwargs, message) -> None:
+    _, processor = tiny
+    call = {"text": PROMPT.format(question="x"), "images": [picture(336, 336, 11)], **kwargs}
+    with pytest.raises(ValueError, match=message):
+        processor(**call)
