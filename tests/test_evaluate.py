@@ -292,7 +292,7 @@ def eval_runs(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
             text=True,
         )
         started[kind] = (process, out)
-    runs = {}
+    runs: dict = {"tiny_dir": tiny_dir}
     for kind, (process, out) in started.items():
         stdout, stderr = process.communicate(timeout=600)
         runs[kind] = (process.returncode, stdout, stderr, out)
@@ -352,3 +352,30 @@ def test_eval_command_bad_input_one_line(
     assert message in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output
+
+
+def test_eval_under_torchrun_shards_and_gathers(eval_runs: dict, tmp_path: Path) -> None:
+    """Two CPU ranks (gloo) give the same per-example results as one process, in dataset order."""
+    single_code, _, stderr, single_out = eval_runs["auroc"]
+    assert single_code == 0, stderr
+    single = json.loads(single_out.read_text())
+    data_dir = single_out.parent / "auroc"
+    out = tmp_path / "two_ranks.json"
+    run = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--no-python", PHI3V_TRAIN]
+        + ["eval", "--model", str(eval_runs["tiny_dir"]), "--data_dir", str(data_dir)]
+        + ["--split", "dev_seen", "--batch_size", "2", "--max_new_tokens", "4", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("wrote ") == 1  # only rank 0 prints and writes
+    both = json.loads(out.read_text())
+    assert [e["id"] for e in both["examples"]] == [e["id"] for e in single["examples"]]
+    assert [e["prediction"] for e in both["examples"]] == [
+        e["prediction"] for e in single["examples"]
+    ]
+    for mine, theirs in zip(both["examples"], single["examples"], strict=True):
+        assert mine["positive_prob"] == pytest.approx(theirs["positive_prob"], rel=1e-4)
+    assert both["metrics"] == pytest.approx(single["metrics"])
