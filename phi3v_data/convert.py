@@ -92,6 +92,7 @@ PARTIAL_DIRNAME = "partial"
 REPORT_FILENAME = "convert_report.json"
 #: JPEG quality of every frame or image a converter re-encodes (fixed: part of the output bytes).
 JPEG_QUALITY = 95
+#: The process umask (read once: os.umask can only be read by setting it), for files from mkstemp.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 #: Runner options; a converter must not declare options with these names.
@@ -114,11 +115,8 @@ class SourceError(Exception):
 
     def __str__(self) -> str:
         location = self.path if self.line is None else f"{self.path}:{self.line}"
-        return (
-            f"{location}: {self.field}: {self.message}"
-            if self.field
-            else (f"{location}: {self.message}")
-        )
+        field = f" {self.field}:" if self.field else ""
+        return f"{location}:{field} {self.message}"
 
 
 class SkipItem(Exception):
@@ -259,7 +257,11 @@ def discover_converters() -> dict[str, ConverterEntry]:
     for module_info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         if module_info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"{BUILTIN_PACKAGE}.{module_info.name}")
+        try:
+            module = importlib.import_module(f"{BUILTIN_PACKAGE}.{module_info.name}")
+        except Exception as error:  # one broken module must not take the others down
+            _warn(f"built-in converter {module_info.name!r} failed to load: {error}")
+            continue
         if hasattr(module, "CONVERTER"):
             add(module.CONVERTER, f"{module.__name__}.CONVERTER", "built-in")
     for entry_point in sorted(
