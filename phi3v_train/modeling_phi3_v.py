@@ -41,6 +41,7 @@ from transformers.models.phi3.modeling_phi3 import (
     Phi3DecoderLayer,
     Phi3RMSNorm,
 )
+from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -384,6 +385,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
