@@ -281,6 +281,8 @@ def make_tiny_command(out_dir: Path, seed: int, overwrite: bool) -> None:
         path = make_tiny(out_dir, seed, overwrite=overwrite)
     except FileExistsError as error:
         raise click.ClickException(f"{error} (pass --overwrite to replace it)") from None
+    except OSError as error:
+        raise click.ClickException(f"{out_dir}: cannot write the tiny preset: {error}") from None
     click.echo(f"wrote the tiny Phi-3.5-vision preset to {path}")
 
 
