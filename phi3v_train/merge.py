@@ -9,12 +9,15 @@ tokenizer and processor files, and a ``generation_config.json`` that stops at ``
 
 The merge runs in float32 (PEFT ``merge_and_unload``) and the result is cast to ``--dtype``
 (default: the base checkpoint's dtype). A QLoRA adapter is merged into the unquantized base, as
-the original recipe evaluates it. The directory is written under a temporary name and renamed
-into place, so ``--out`` is either the complete checkpoint or untouched.
+the original recipe evaluates it. When the base is a local directory with the official remote code
+(``*.py`` + ``auto_map``), both are carried over, so loaders that use ``trust_remote_code`` (vLLM)
+read the merged directory like the official one. The directory is written under a temporary name
+and renamed into place, so ``--out`` is either the complete checkpoint or untouched.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +30,13 @@ from phi3v_train.evaluate import STOP_TOKENS, error_headline, has_processor
 
 #: The alias of ``model.embed_tokens.weight`` that the official code exposes; never written.
 SHARED_EMBEDDING_ALIAS = "model.vision_embed_tokens.wte.weight"
+#: Files whose ``auto_map`` (remote-code class paths) the official checkpoint carries.
+AUTO_MAP_FILES = (
+    "config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer_config.json",
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -72,10 +82,33 @@ def merge_adapter(
         processor.save_pretrained(temporary)
         processor.image_processor.save_pretrained(temporary)  # preprocessor_config.json, official
         _check_no_alias(temporary)
+        keep_remote_code(base, temporary)
         _replace_dir(temporary, out)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return out
+
+
+def keep_remote_code(base: str | Path, model_dir: Path) -> None:
+    """Carry a local base directory's remote-code files (``*.py``) and ``auto_map`` entries over.
+
+    phi3v_train loads without them, but tools that load the official model with
+    ``trust_remote_code`` (vLLM's config and processor loading among them) need both.
+    """
+    base = Path(base)
+    if not base.is_dir():
+        return
+    for source in sorted(base.glob("*.py")):
+        shutil.copy2(source, model_dir / source.name)
+    for name in AUTO_MAP_FILES:
+        source, target = base / name, model_dir / name
+        if not (source.is_file() and target.is_file()):
+            continue
+        auto_map = json.loads(source.read_text(encoding="utf-8")).get("auto_map")
+        if auto_map:
+            data = json.loads(target.read_text(encoding="utf-8"))
+            data["auto_map"] = auto_map
+            target.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8")
 
 
 def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:

@@ -113,9 +113,29 @@ def test_merge_command_lora_parity_and_layout(base_dir: Path, tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]  # no temp dir
 
 
-def test_merge_dora_parity_and_bfloat16(base_dir: Path, tmp_path: Path) -> None:
+def official_like_copy(base_dir: Path, reference_dir: Path, out: Path) -> Path:
+    """The tiny base dressed like an official download: remote-code files and auto_map entries."""
+    shutil.copytree(base_dir, out)
+    (out / "modeling_phi3_v.py").write_text("# the official remote code would be here\n")
+    for name in ("config.json", "preprocessor_config.json", "processor_config.json"):
+        data = json.loads((out / name).read_text())
+        official = json.loads((reference_dir / "official" / name).read_text())
+        data["auto_map"] = official["auto_map"]
+        (out / name).write_text(json.dumps(data))
+    return out
+
+
+def test_merge_dora_parity_bfloat16_and_remote_code(
+    base_dir: Path, reference_dir: Path, tmp_path: Path
+) -> None:
+    base_dir = official_like_copy(base_dir, reference_dir, tmp_path / "official_like")
     adapter = write_adapter(base_dir, tmp_path / "dora", dora=True, seed=1)
     merged = merge_adapter(base_dir, adapter, tmp_path / "merged")
+    # what trust_remote_code loaders (vLLM) need is carried over from the official-like base
+    assert (merged / "modeling_phi3_v.py").is_file()
+    for name in ("config.json", "preprocessor_config.json", "processor_config.json"):
+        official = json.loads((reference_dir / "official" / name).read_text())
+        assert json.loads((merged / name).read_text())["auto_map"] == official["auto_map"]
     inputs = sample_inputs(base_dir)
     torch.testing.assert_close(
         merged_logits(merged, inputs),
