@@ -455,7 +455,12 @@ def run_conversion(
     if src.resolve().is_relative_to(out_dir.resolve()):
         raise OutputError(f"{out_dir}: holds SRC {src}; choose an --out_dir outside it")
     state = _check_output(out_dir, manifest, overwrite)
-    if state == "complete":
+    state_dir = out_dir / STATE_DIRNAME
+    journal_path = state_dir / JOURNAL_FILENAME
+    partial_dir = state_dir / PARTIAL_DIRNAME
+    if state == "complete":  # killed after the manifest said so, perhaps before the clean-up
+        journal_path.unlink(missing_ok=True)
+        shutil.rmtree(partial_dir, ignore_errors=True)
         return json.loads((out_dir / REPORT_FILENAME).read_text(encoding="utf-8"))
 
     plan = converter.plan(src, options)
@@ -470,13 +475,10 @@ def run_conversion(
         }
     )
 
-    state_dir = out_dir / STATE_DIRNAME
-    partial_dir = state_dir / PARTIAL_DIRNAME
     shutil.rmtree(partial_dir, ignore_errors=True)  # temporaries of a killed run
     if state == "fresh":
         write_atomic(state_dir / MANIFEST_FILENAME, _dump_json(manifest), partial_dir)
     images = ImageWriter(out_dir / IMAGES_DIRNAME, partial_dir)
-    journal_path = state_dir / JOURNAL_FILENAME
     done = _read_journal(journal_path, plan.items)
     # rewrite the journal without a torn last line before appending to it
     write_atomic(journal_path, b"".join(done[i].to_line() for i in sorted(done)), partial_dir)

@@ -296,6 +296,12 @@ def test_torn_journal_line_is_ignored(raw: Path, reference: dict[str, str], tmp_
     (out / "ucf101_val.jsonl").unlink()
     assert run_cli(*args).returncode == 0
     assert tree_digest(out) == reference
+    # killed after the manifest was marked complete but before the clean-up
+    (out / STATE_DIRNAME / "journal.jsonl").write_bytes(b"{}\n")
+    (out / STATE_DIRNAME / "partial").mkdir()
+    (out / STATE_DIRNAME / "partial" / ".x.jpg.tmp").write_bytes(b"half")
+    assert run_cli(*args).returncode == 0
+    assert tree_digest(out) == reference
 
 
 def test_benchmark_runs_and_selects_the_originals_frames() -> None:
