@@ -317,6 +317,13 @@ def load_for_inference(
     return model, processor
 
 
+def adapter_problem(adapter: Path) -> str | None:
+    """Why ``adapter`` is not a PEFT adapter directory (``path: reason``), or None when it is."""
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        return f"{adapter}: adapter_config.json not found (not a LoRA/DoRA adapter directory)"
+    return None
+
+
 def has_processor(directory: Path) -> bool:
     """Whether ``directory`` holds processor files (the trainer saves them beside an adapter)."""
     names = ("processor_config.json", "preprocessor_config.json")
@@ -411,6 +418,8 @@ def eval_command(
         _split_path(data_dir, split)
     except DatasetError as error:
         raise click.ClickException(str(error)) from None
+    if adapter is not None and adapter_problem(adapter):
+        raise click.ClickException(adapter_problem(adapter))
     device = _init_distributed()
     if num_crops is None:
         num_crops = load_info(data_dir).num_crops

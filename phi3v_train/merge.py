@@ -26,7 +26,7 @@ import click
 import torch
 from safetensors import safe_open
 
-from phi3v_train.evaluate import STOP_TOKENS, error_headline, has_processor
+from phi3v_train.evaluate import STOP_TOKENS, adapter_problem, error_headline, has_processor
 
 #: The alias of ``model.embed_tokens.weight`` that the official code exposes; never written.
 SHARED_EMBEDDING_ALIAS = "model.vision_embed_tokens.wte.weight"
@@ -57,8 +57,8 @@ def merge_adapter(
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     adapter, out = Path(adapter), Path(out)
-    if not (adapter / "adapter_config.json").is_file():
-        raise MergeError(f"{adapter}: adapter_config.json not found (not a LoRA/DoRA adapter)")
+    if adapter_problem(adapter):
+        raise MergeError(adapter_problem(adapter))
     if out.exists() and not overwrite:
         raise MergeError(f"{out}: already exists (pass --overwrite to replace it)")
 

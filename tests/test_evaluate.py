@@ -339,6 +339,7 @@ def test_eval_command_on_each_dataset_kind(eval_runs: dict, kind: str) -> None:
     [
         (["--split", "test"], "no split 'test' (found: val)"),
         (["--split", "val", "--metrics", "bleu"], "unknown metric 'bleu'"),
+        (["--split", "val", "--adapter", "."], ".: adapter_config.json not found"),
     ],
 )
 def test_eval_command_bad_input_one_line(
@@ -379,3 +380,20 @@ def test_eval_under_torchrun_shards_and_gathers(eval_runs: dict, tmp_path: Path)
     for mine, theirs in zip(both["examples"], single["examples"], strict=True):
         assert mine["positive_prob"] == pytest.approx(theirs["positive_prob"], rel=1e-4)
     assert both["metrics"] == pytest.approx(single["metrics"])
+
+
+@pytest.mark.gpu
+def test_cuda_evaluation_matches_cpu(tiny_dir: Path, tmp_path: Path) -> None:
+    """Inputs follow the model to the GPU; P(positive word) there equals the CPU's (float32).
+
+    Predictions are not compared: a random tiny model has near-ties that may flip across devices.
+    """
+    data_dir = memes_like(tmp_path / "hm")
+    results = []
+    for device in ("cpu", "cuda"):
+        model, processor = load_for_inference(tiny_dir, num_crops=1, device=device)
+        results.append(evaluate_split(model, processor, data_dir, "dev_seen", max_new_tokens=4))
+    cpu, cuda = results
+    assert len(cuda.examples) == len(cpu.examples) == 4
+    for on_gpu, on_cpu in zip(cuda.examples, cpu.examples, strict=True):
+        assert on_gpu.positive_prob == pytest.approx(on_cpu.positive_prob, rel=1e-3)
