@@ -398,6 +398,9 @@ def _check_output(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> s
         raise OutputError(f"{out_dir}: exists and is not a directory")
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return "fresh"
+    if list(out_dir.iterdir()) == [manifest_path.parent] and not manifest_path.exists():
+        shutil.rmtree(manifest_path.parent)  # a run killed while writing its first manifest
+        return "fresh"
     if overwrite:
         for child in sorted(out_dir.iterdir()):
             if child.is_dir() and not child.is_symlink():

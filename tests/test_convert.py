@@ -296,6 +296,13 @@ def test_torn_journal_line_is_ignored(raw: Path, reference: dict[str, str], tmp_
     (out / "ucf101_val.jsonl").unlink()
     assert run_cli(*args).returncode == 0
     assert tree_digest(out) == reference
+    # killed while writing the very first manifest: only our temporaries are in OUT
+    fresh = tmp_path / "fresh"
+    (fresh / STATE_DIRNAME / "partial").mkdir(parents=True)
+    (fresh / STATE_DIRNAME / "partial" / ".manifest.json.x").write_bytes(b'{"ident')
+    assert run_cli("convert", "ucf101", str(raw), "--out_dir", str(fresh), "--num_frames",
+                   "6").returncode == 0  # fmt: skip
+    assert tree_digest(fresh) == reference
     # killed after the manifest was marked complete but before the clean-up
     (out / STATE_DIRNAME / "journal.jsonl").write_bytes(b"{}\n")
     (out / STATE_DIRNAME / "partial").mkdir()
