@@ -64,8 +64,9 @@ def _dataset_name(data_dir: Path, stems: list[str], info: DatasetInfo) -> str | 
         return info.name
     if not stems:
         return None
-    if all(stem.startswith(data_dir.name + "_") for stem in stems):
-        return data_dir.name
+    folder = data_dir.resolve().name  # also when the folder is given as "."
+    if folder and all(stem.startswith(folder + "_") for stem in stems):
+        return folder
     candidates = {stem[:i] for stem in stems for i, char in enumerate(stem) if char == "_" and i}
 
     def rank(name: str) -> tuple[int, int, int]:
