@@ -392,7 +392,12 @@ def _read_journal(path: Path, items: Sequence[Item]) -> dict[int, _Outcome]:
 
 
 def _check_output(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> str:
-    """'fresh', 'resume' or 'complete'; empties OUT with --overwrite; raises OutputError."""
+    """'fresh', 'resume' or 'complete'; raises OutputError for a foreign OUT.
+
+    An OUT written by the same converter, options and SRC is resumed (also with --overwrite, so
+    that rerunning an interrupted command never redoes finished work); any other non-empty OUT
+    is emptied with --overwrite and refused without it.
+    """
     manifest_path = out_dir / STATE_DIRNAME / MANIFEST_FILENAME
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a directory")
@@ -401,6 +406,14 @@ def _check_output(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> s
     if list(out_dir.iterdir()) == [manifest_path.parent] and not manifest_path.exists():
         shutil.rmtree(manifest_path.parent)  # a run killed while writing its first manifest
         return "fresh"
+    previous = None
+    if manifest_path.is_file():
+        try:
+            previous = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            previous = None
+    if isinstance(previous, dict) and previous.get("identity") == manifest["identity"]:
+        return "complete" if previous.get("complete") else "resume"
     if overwrite:
         for child in sorted(out_dir.iterdir()):
             if child.is_dir() and not child.is_symlink():
@@ -408,19 +421,11 @@ def _check_output(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> s
             else:
                 child.unlink()
         return "fresh"
-    previous = None
-    if manifest_path.is_file():
-        try:
-            previous = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            previous = None
-    if not isinstance(previous, dict) or previous.get("identity") != manifest["identity"]:
-        what = "another converter, options or SRC" if previous else "something else"
-        raise OutputError(
-            f"{out_dir}: not empty and written by {what}; "
-            "choose an empty --out_dir or pass --overwrite to replace its contents"
-        )
-    return "complete" if previous.get("complete") else "resume"
+    what = "another converter, options or SRC" if previous else "something else"
+    raise OutputError(
+        f"{out_dir}: not empty and written by {what}; "
+        "choose an empty --out_dir or pass --overwrite to replace its contents"
+    )
 
 
 def _progress(total: int, initial: int, name: str):

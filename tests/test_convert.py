@@ -231,25 +231,15 @@ def _kill_when(process: subprocess.Popen, out: Path, min_images: int) -> bool:
     return False
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("extra", [["--workers", "1"], ["--workers", "2", "--overwrite"]])
 def test_sigkill_then_rerun_equals_uninterrupted(
-    raw: Path, reference: dict[str, str], tmp_path: Path, workers: str
+    raw: Path, reference: dict[str, str], tmp_path: Path, extra: list[str]
 ) -> None:
+    """Killed three times, rerun with the same command: the same bytes, finished work kept
+    (also with --overwrite, which only empties an OUT written by something else)."""
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "phi3v_data",
-        "convert",
-        "ucf101",
-        str(raw),
-        "--out_dir",
-        str(out),
-        "--num_frames",
-        "6",
-        "--workers",
-        workers,
-    ]
+    command = [sys.executable, "-m", "phi3v_data", "convert", "ucf101", str(raw), "--out_dir",
+               str(out), "--num_frames", "6", *extra]  # fmt: skip
     kills = 0
     for min_images in (6, 60, 120):
         process = subprocess.Popen(
