@@ -392,11 +392,11 @@ def _read_journal(path: Path, items: Sequence[Item]) -> dict[int, _Outcome]:
 
 
 def _check_output(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> str:
-    """'fresh', 'resume' or 'complete'; raises OutputError for a foreign OUT.
+    """'fresh', 'resume', 'complete' or 'overwrite'; raises OutputError for a foreign OUT.
 
     An OUT written by the same converter, options and SRC is resumed (also with --overwrite, so
     that rerunning an interrupted command never redoes finished work); any other non-empty OUT
-    is emptied with --overwrite and refused without it.
+    is to be emptied ('overwrite', done once SRC was read successfully) or refused.
     """
     manifest_path = out_dir / STATE_DIRNAME / MANIFEST_FILENAME
     if out_dir.exists() and not out_dir.is_dir():
@@ -415,17 +415,20 @@ def _check_output(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> s
     if isinstance(previous, dict) and previous.get("identity") == manifest["identity"]:
         return "complete" if previous.get("complete") else "resume"
     if overwrite:
-        for child in sorted(out_dir.iterdir()):
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-        return "fresh"
+        return "overwrite"
     what = "another converter, options or SRC" if previous else "something else"
     raise OutputError(
         f"{out_dir}: not empty and written by {what}; "
         "choose an empty --out_dir or pass --overwrite to replace its contents"
     )
+
+
+def _empty(folder: Path) -> None:
+    for child in sorted(folder.iterdir()):
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def _progress(total: int, initial: int, name: str):
@@ -483,6 +486,9 @@ def run_conversion(
         }
     )
 
+    if state == "overwrite":
+        _empty(out_dir)
+        state = "fresh"
     shutil.rmtree(partial_dir, ignore_errors=True)  # temporaries of a killed run
     if state == "fresh":
         write_atomic(state_dir / MANIFEST_FILENAME, _dump_json(manifest), partial_dir)

@@ -201,6 +201,9 @@ def test_refuses_foreign_output_unless_overwrite(raw: Path, tmp_path: Path) -> N
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # --overwrite with a bad SRC: OUT is left as it was
+    bad = run_cli("convert", "ucf101", str(raw / "UCF-101"), "--out_dir", str(out), "--overwrite")
+    assert bad.returncode == 2 and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert run_cli(*args, "--overwrite").returncode == 0
     assert not (out / "notes.txt").exists() and (out / "ucf101_train.jsonl").is_file()
     # the same command again: already complete, nothing changes
