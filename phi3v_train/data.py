@@ -190,6 +190,36 @@ class GenerationCollator:
         return batch
 
 
+def dummy_image_example(processor: Any) -> dict[str, Any]:
+    """One white 336x336 image whose every label is -100: contributes nothing to the loss."""
+    image = Image.new("RGB", (336, 336), "white")
+    inputs = processor("<|image_1|>", images=[image], return_tensors="pt")
+    input_ids = torch.as_tensor(inputs["input_ids"])[0].to(torch.long)
+    return {
+        "input_ids": input_ids,
+        "labels": torch.full_like(input_ids, IGNORE_INDEX),
+        "pixel_values": inputs["pixel_values"],
+        "image_sizes": torch.as_tensor(inputs["image_sizes"]),
+    }
+
+
+def add_dummy_image_row(batch: dict[str, Any], dummy: dict[str, Any], pad_token_id: int) -> dict:
+    """Append ``dummy`` as an extra row of a batch that has no image.
+
+    The vision tower then runs, in the same place of the graph, on every rank, and its
+    parameters get (zero) gradients in the same order everywhere; DeepSpeed ZeRO reduces gradient
+    buckets in arrival order, so ranks must agree on it. The row is fully masked out of the loss.
+    """
+    rows = [
+        {"input_ids": ids[mask.bool()], "labels": labels[mask.bool()]}
+        for ids, labels, mask in zip(
+            batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True
+        )
+    ]
+    merged = TrainCollator(pad_token_id)([*rows, dummy])
+    return {**batch, **merged}
+
+
 class TrainDataset(Dataset):
     """Records encoded for training on access (images are decoded in the DataLoader workers)."""
 

@@ -20,7 +20,10 @@ and the last CLIP layer never runs at all, so some trainable parameters get no g
 ranks, which hangs or crashes gradient synchronisation. In distributed runs every trainable
 parameter therefore enters the loss with weight zero (``loss + 0 * sum(p.sum())``): every rank
 then produces a gradient (zero where unused) for every parameter at every step, and the result
-is numerically unchanged.
+is numerically unchanged. DeepSpeed ZeRO additionally reduces gradient buckets in the order the
+gradients arrive, so under DeepSpeed a batch without images also gets one extra row holding a
+dummy image with every label -100: the vision tower runs at the same place of the graph on every
+rank, and the loss is unchanged (tested: ZeRO-2 matches DDP on such batches).
 """
 
 from __future__ import annotations
@@ -223,11 +226,15 @@ def load_model(config: TrainConfig, attn: str, device: torch.device):
         options["quantization_config"] = quantization_config(config, device)
         options["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, **options)
+        return AutoModelForCausalLM.from_pretrained(config.model_name_or_path, **options)
     except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TrainingError(f"{config.model_name_or_path}: --model_name_or_path: {first}") from None
-    return model
+        raise _loading_error(config, error) from None
+
+
+def _loading_error(config: TrainConfig, error: Exception) -> TrainingError:
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    return TrainingError(f"{config.model_name_or_path}: --model_name_or_path: {first}")
 
 
 def load_processor(config: TrainConfig, num_crops: int):
@@ -235,7 +242,10 @@ def load_processor(config: TrainConfig, num_crops: int):
 
     import phi3v_train  # noqa: F401
 
-    return AutoProcessor.from_pretrained(config.model_name_or_path, num_crops=num_crops)
+    try:
+        return AutoProcessor.from_pretrained(config.model_name_or_path, num_crops=num_crops)
+    except (OSError, ValueError) as error:
+        raise _loading_error(config, error) from None
 
 
 def deepspeed_config(config: TrainConfig, accumulation: int, device: torch.device) -> dict:
@@ -267,7 +277,12 @@ def zero_weighted_parameters(parameters: list[torch.nn.Parameter]) -> torch.Tens
 def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to bottom on purpose
     from phi3v_data.dataset import images_root, read_split
     from phi3v_train import checkpointing as ckpt
-    from phi3v_train.data import TrainCollator, TrainDataset
+    from phi3v_train.data import (
+        TrainCollator,
+        TrainDataset,
+        add_dummy_image_row,
+        dummy_image_example,
+    )
     from phi3v_train.distributed import (
         all_reduce_mean,
         barrier,
@@ -373,6 +388,7 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
     if dist.device.type == "cuda" and not config.bf16 and not config.deepspeed:
         scaler = torch.amp.GradScaler("cuda")
     touch_all = dist.distributed and config.deepspeed != "zero3"
+    dummy_image = dummy_image_example(processor) if config.deepspeed and dist.distributed else None
 
     # 7. resume ------------------------------------------------------------------------------
     state = ckpt.TrainerState(seed=config.seed, world_size=dist.world_size)
@@ -418,6 +434,8 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
             window = min(accumulation, batches_per_epoch - window_start)
             state.batches_done += 1
             boundary = state.batches_done == window_start + window
+            if batch["pixel_values"] is None and dummy_image is not None:
+                batch = add_dummy_image_row(batch, dummy_image, collator.pad_token_id)
             batch = {k: v.to(dist.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             if batch["pixel_values"] is None:  # text-only micro-batch
                 del batch["pixel_values"], batch["image_sizes"]
