@@ -273,8 +273,12 @@ def synth_command() -> None:
     callback=_parse_size,
     help="Frame size WIDTHxHEIGHT.",
 )
-@click.option("--fps", type=click.FloatRange(min=1), default=25.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--fps", type=click.FloatRange(min=1), default=25.0, show_default=True, help="Frame rate."
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of positions and backgrounds."
+)
 def synth_ucf101_command(
     out: Path,
     classes: int,
