@@ -4,7 +4,8 @@
 #   2. the GPU-marked tests: pytest -m gpu                            -> $OUT/pytest_gpu.log
 #   3. the training-throughput table, every mode x attention
 #      (benchmarks/train_throughput.py, 6 timed + 2 warm-up steps)   -> $OUT/throughput.{md,json},
-#                                                                        $OUT/throughput_logs/, .log
+#      and one profiled step per run (top operators by GPU time)     $OUT/throughput_logs/, .log,
+#                                                                        $OUT/profiles/
 #   4. when time is left, full / frozen-vision with all weights bf16 -> $OUT/throughput_bf16.*
 #   5. a summary with each step's exit code and the tables           -> $OUT/summary.md
 #
@@ -83,7 +84,8 @@ pytest_rc=$?
 [ "$pytest_rc" -eq 5 ] && pytest_rc=0  # 5: no test is marked gpu, nothing failed
 
 timeout 420 "$PY" benchmarks/train_throughput.py "${BENCH_ARGS[@]}" \
-    --timeout 120 --budget 270 --out "$OUT/throughput.md" >"$OUT/throughput.log" 2>&1
+    --timeout 120 --budget 270 --out "$OUT/throughput.md" --profile-dir "$OUT/profiles" \
+    >"$OUT/throughput.log" 2>&1
 bench_rc=$?
 
 # If time is left: full fine-tuning with every weight in bf16 (half the memory and no autocast

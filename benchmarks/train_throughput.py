@@ -51,6 +51,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +270,7 @@ class RunSpec:
     peak_tflops: float | None
     clip_on_padding: bool = False
     checkpoint_every: int = 1
+    profile_dir: str | None = None
     seed: int = 0
 
 
@@ -292,6 +294,7 @@ class RunResult:
     trainable_params: int | None = None
     total_params: int | None = None
     training: dict[str, str] = field(default_factory=dict)
+    phase_s: dict[str, float] = field(default_factory=dict)  # mean seconds per step phase
 
 
 def flash_attn_available() -> bool:
@@ -412,6 +415,41 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+def train_step(model, optimizer, params, inputs, autocast, device: str, phases: list) -> float:
+    """Forward, backward, clipping and AdamW step; appends (forward, backward, optimizer) seconds
+    (with a device synchronisation between the phases) to `phases`; returns the loss."""
+    marks = [time.perf_counter()]
+    with autocast:
+        loss = model(**inputs).loss
+    synchronize(device)
+    marks.append(time.perf_counter())
+    loss.backward()
+    synchronize(device)
+    marks.append(time.perf_counter())
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    marks.append(time.perf_counter())
+    phases.append(tuple(b - a for a, b in zip(marks, marks[1:], strict=False)))
+    return loss.item()
+
+
+def write_profile(spec: RunSpec, step) -> None:
+    """One extra (untimed) step under torch.profiler: the top operators by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = spec.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        step()
+    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=25)
+    path = Path(spec.profile_dir) / f"{spec.mode}_{spec.attn}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{spec.mode} / {spec.attn}, one training step, sorted by {sort_by}\n{table}\n")
+
+
 def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
     """Build, set up and train the model; time `steps` steps after `warmup` untimed ones."""
     torch.manual_seed(spec.seed)
@@ -445,23 +483,24 @@ def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(spec.device)
 
-    step_times, cpu_times = [], []
+    step_times, cpu_times, phases = [], [], []
     for step in range(spec.warmup + spec.steps):
         inputs, _ = device_batches[step % len(device_batches)]
         synchronize(spec.device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        with autocast:
-            loss = model(**inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        synchronize(spec.device)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+        loss = train_step(model, optimizer, params, inputs, autocast, spec.device, phases)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step}")
         if step >= spec.warmup:
             step_times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
+        else:
+            phases.clear()
+    if spec.profile_dir:
+        inputs = device_batches[0][0]
+        write_profile(
+            spec, partial(train_step, model, optimizer, params, inputs, autocast, spec.device, [])
+        )
 
     timed = [
         device_batches[s % len(device_batches)][1]
@@ -490,13 +529,17 @@ def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
         step_s_mean=elapsed / len(step_times),
         step_s_max=max(step_times),
         cpu_s_per_step=sum(cpu_times) / len(cpu_times),
+        phase_s={
+            name: sum(p[i] for p in phases) / len(phases)
+            for i, name in enumerate(("forward", "backward", "optimizer"))
+        },
         tokens_per_sample=sum(s.seq_len for s in shapes) / len(shapes),
         tflop_per_sample=flops.total / len(shapes) / 1e12,
         trainable_params=sum(p.numel() for p in params),
         total_params=sum(p.numel() for p in model.parameters()),
         training={k: v for k, v in asdict(training).items() if k != "lora_rank"},
     )
-    del model, optimizer, params, device_batches, loss
+    del model, optimizer, params, device_batches
     gc.collect()
     if spec.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -575,6 +618,7 @@ def _fmt(value: float | None, digits: int) -> str:
 def format_table(rows: list[RunResult]) -> str:
     header = (
         "| mode | attention | weights | img/s | tokens/s | TFLOP/s | MFU | peak GiB | s/step | "
+        "fwd / bwd / opt s | "
         "tokens/sample | TFLOP/sample | trainable params | original (A100, per GPU) | status |"
     )
     lines = [header, "|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|"]
@@ -593,6 +637,11 @@ def format_table(rows: list[RunResult]) -> str:
                     "–" if row.mfu is None else f"{100 * row.mfu:.1f} %",
                     _fmt(row.peak_mem_gib, 1),
                     _fmt(row.step_s_mean, 3),
+                    " / ".join(
+                        _fmt(row.phase_s.get(k), 3) for k in ("forward", "backward", "optimizer")
+                    )
+                    if row.phase_s
+                    else "–",
                     _fmt(row.tokens_per_sample, 0),
                     _fmt(row.tflop_per_sample, 1),
                     "–" if row.trainable_params is None else f"{row.trainable_params / 1e6:.3g} M",
@@ -679,6 +728,12 @@ def _split(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
     show_default=True,
     help="Gradient checkpointing of every n-th layer (1: all, as the recipe; 0: off).",
 )
+@click.option(
+    "--profile-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Profile one extra step per run; top operators to DIR/<mode>_<attn>.txt.",
+)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--worker", "worker_payload", hidden=True, default=None)
 def main(
@@ -699,6 +754,7 @@ def main(
     clip_on_padding: bool,
     precision: str,
     checkpoint_every: int,
+    profile_dir: Path | None,
     out: Path | None,
     worker_payload: str | None,
 ) -> None:
@@ -743,6 +799,7 @@ def main(
                     device=device,
                     precision=precision,
                     checkpoint_every=checkpoint_every,
+                    profile_dir=str(profile_dir) if profile_dir else None,
                     steps=steps,
                     warmup=warmup,
                     micro_batch=micro_batch,

@@ -17,8 +17,9 @@ MODES = ("full", "frozen-vision", "lora", "qlora")
 
 
 def run_harness(*args: str, timeout: float = 170) -> subprocess.CompletedProcess:
+    """The tiny CPU run, one timed step and no warm-up (the figures are not the point here)."""
     return subprocess.run(
-        [sys.executable, str(HARNESS), "--tiny", *args],
+        [sys.executable, str(HARNESS), "--tiny", "--warmup", "0", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -49,7 +50,10 @@ def harness():
 
 def test_tiny_run_measures_every_mode_and_writes_markdown_and_json(tmp_path):
     out = tmp_path / "bench" / "tiny.md"
-    proc = run_harness("--attn", "sdpa,flash_attention_2", "--out", str(out))
+    profiles = tmp_path / "profiles"
+    proc = run_harness(
+        "--attn", "sdpa,flash_attention_2", "--out", str(out), "--profile-dir", str(profiles)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     rows = table_rows(proc.stdout)
@@ -80,6 +84,10 @@ def test_tiny_run_measures_every_mode_and_writes_markdown_and_json(tmp_path):
     # One DocVQA-like page per sample: images/s and tokens/s agree with the sample length.
     full = measured["full"]
     assert full["tokens_per_s"] == pytest.approx(full["img_per_s"] * full["tokens_per_sample"])
+    # Where the time goes: the phases add up to the step, and one profiled step per run.
+    assert sum(full["phase_s"].values()) == pytest.approx(full["step_s_mean"], rel=0.2)
+    for mode in MODES:
+        assert "aten::" in (profiles / f"{mode}_sdpa.txt").read_text()
 
 
 def test_an_isolated_run_measures_in_its_own_process_and_keeps_its_log(tmp_path):
