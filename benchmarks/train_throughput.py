@@ -436,18 +436,23 @@ def train_step(model, optimizer, params, inputs, autocast, device: str, phases: 
 
 
 def write_profile(spec: RunSpec, step) -> None:
-    """One extra (untimed) step under torch.profiler: the top operators by device time."""
+    """One extra (untimed) step under torch.profiler: the top operators by device time.
+
+    A profiler that cannot run (no CUPTI, ...) leaves its error in the file, not in the row."""
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = spec.device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities) as prof:
-        step()
-    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort_by, row_limit=25)
+    sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    try:
+        with profile(activities=activities) as prof:
+            step()
+        text = prof.key_averages().table(sort_by=sort_by, row_limit=25)
+    except Exception as exc:  # the measurement is done; a profile is a bonus
+        text = f"profiling failed: {describe_exception(exc)}"
     path = Path(spec.profile_dir) / f"{spec.mode}_{spec.attn}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{spec.mode} / {spec.attn}, one training step, sorted by {sort_by}\n{table}\n")
+    path.write_text(f"{spec.mode} / {spec.attn}, one training step, sorted by {sort_by}\n{text}\n")
 
 
 def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
