@@ -124,7 +124,7 @@ def evaluate_split(
     tokenizer = processor.tokenizer
     positive_token = None
     if "auroc" in names:
-        positive_token = tokenizer(info.answer_words["1"], add_special_tokens=False).input_ids[0]
+        positive_token = answer_token_id(tokenizer, info.answer_words["1"])
 
     rank, world = _rank_and_world()
     shard = list(range(len(records)))[rank::world]
@@ -167,6 +167,15 @@ def evaluate_split(
             )
         )
     return EvalResult(split, compute_metrics(names, examples), examples, score_name)
+
+
+def answer_token_id(tokenizer: Any, word: str) -> int:
+    """The first token of ``word`` as the first answer token of a training target.
+
+    Targets are tokenized without special tokens right after ``<|assistant|>`` (which strips the
+    newline), so the word is tokenized alone the same way (``"yes"`` -> ``"▁yes"``).
+    """
+    return tokenizer(word, add_special_tokens=False).input_ids[0]
 
 
 def compute_metrics(names: Sequence[str], examples: Sequence[ExampleResult]) -> dict[str, float]:

@@ -16,6 +16,7 @@ from phi3v_data.dataset import DatasetError
 from phi3v_train import metrics
 from phi3v_train.data import GenerationCollator, encode_for_generation
 from phi3v_train.evaluate import (
+    answer_token_id,
     eval_command,
     evaluate_split,
     generate_batch,
@@ -397,3 +398,21 @@ def test_cuda_evaluation_matches_cpu(tiny_dir: Path, tmp_path: Path) -> None:
     assert len(cuda.examples) == len(cpu.examples) == 4
     for on_gpu, on_cpu in zip(cuda.examples, cpu.examples, strict=True):
         assert on_gpu.positive_prob == pytest.approx(on_cpu.positive_prob, rel=1e-3)
+
+
+def test_auroc_reads_the_token_training_supervises_first(reference_dir: Path, tmp_path: Path):
+    """With the official tokenizer, P(positive word) is read at the first supervised answer id."""
+    from transformers import AutoProcessor
+
+    from phi3v_data.schema import Record
+    from phi3v_train.data import IGNORE_INDEX, encode_for_training
+
+    processor = AutoProcessor.from_pretrained(reference_dir / "official", num_crops=1)
+    _image(tmp_path / "images" / "m.png", shade=10)
+    for word in ("yes", "no", "hateful"):
+        record = Record.model_validate(
+            {"id": "m", "source": "t", "conversations": [_turn(["m.png"], "Hateful?", word)]}
+        )
+        labels = encode_for_training(record, processor, tmp_path / "images")["labels"]
+        first_answer_id = int(labels[labels != IGNORE_INDEX][0])
+        assert answer_token_id(processor.tokenizer, word) == first_answer_id
