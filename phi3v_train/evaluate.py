@@ -50,7 +50,7 @@ class ExampleResult:
     id: str
     prediction: str
     references: list[str]
-    score: float
+    score: float | None
     label: int | None = None
     group: str | None = None
     positive_prob: float | None = None
@@ -63,7 +63,7 @@ class EvalResult:
     split: str
     metrics: dict[str, float]
     examples: list[ExampleResult] = field(default_factory=list)
-    score_name: str = "accuracy"
+    score_name: str | None = "accuracy"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,11 +83,11 @@ class EvalResult:
 
     def format_table(self) -> str:
         """A small text table: one line per metric, values in percent like the original README."""
+        heading = f"split {self.split}: {len(self.examples)} examples"
+        if not self.metrics:
+            return f"{heading}, unlabeled: predictions only, no metric"
         width = max([len("metric"), *(len(name) for name in self.metrics)])
-        lines = [
-            f"split {self.split}: {len(self.examples)} examples",
-            f"{'metric':<{width}}  value",
-        ]
+        lines = [heading, f"{'metric':<{width}}  value"]
         for name, value in self.metrics.items():
             shown = "n/a" if math.isnan(value) else f"{100 * value:.2f}"
             lines.append(f"{name:<{width}}  {shown}")
@@ -109,11 +109,14 @@ def evaluate_split(
     """Generate an answer for every record of ``split`` and score it.
 
     ``metrics`` overrides ``dataset.json``'s list; ``num_workers`` DataLoader processes decode
-    images. Raises :class:`DatasetError` for bad data.
+    images. A split listed in ``unlabeled_splits`` gets predictions only (no metric, score None),
+    e.g. for a test-server submission. Raises :class:`DatasetError` for bad data.
     """
     data_dir = Path(data_dir)
     info = load_info(data_dir)
     names = metric_fns.resolve_metric_names(metrics or info.metrics)
+    if split in info.unlabeled_splits:
+        names = []
     split_path = _split_path(data_dir, split)
     numbered = list(iter_records(split_path, info=info, split=split))
     if max_samples is not None:
@@ -146,14 +149,15 @@ def evaluate_split(
     gathered = _gather(local, world)
     predictions = {index: (text, prob) for index, text, prob in gathered}
 
-    score_name = "anls" if "anls" in names else "accuracy"
+    score_name = ("anls" if "anls" in names else "accuracy") if names else None
     examples = []
     for index, record in enumerate(records):
         text, prob = predictions[index]
         references = record.references
+        score = None
         if score_name == "anls":
             score = metric_fns.anls_score(text, references)
-        else:
+        elif score_name == "accuracy":
             score = metric_fns.exact_match(text, references)
         examples.append(
             ExampleResult(

@@ -416,3 +416,26 @@ def test_auroc_reads_the_token_training_supervises_first(reference_dir: Path, tm
         labels = encode_for_training(record, processor, tmp_path / "images")["labels"]
         first_answer_id = int(labels[labels != IGNORE_INDEX][0])
         assert answer_token_id(processor.tokenizer, word) == first_answer_id
+
+
+def test_unlabeled_split_gets_predictions_only(tiny, tmp_path: Path) -> None:
+    """A split declared unlabeled (e.g. DocVQA test) is predicted for submission, not scored."""
+    model, processor = tiny
+    records = [
+        {"id": f"t{i}", "source": "docvqa", "conversations": [_turn([f"t{i}.png"], "Total?", "")]}
+        for i in range(3)
+    ]
+    data_dir = write_dataset(
+        tmp_path / "docvqa",
+        "docvqa",
+        {"metrics": ["anls"], "unlabeled_splits": ["test"]},
+        records,
+        split="test",
+    )
+    result = evaluate_split(model, processor, data_dir, "test", batch_size=2, max_new_tokens=3)
+    assert result.metrics == {}
+    assert "predictions only" in result.format_table()
+    result.write_json(tmp_path / "test.json")
+    data = json.loads((tmp_path / "test.json").read_text())
+    assert [sorted(e) for e in data["examples"]] == [["id", "prediction", "references"]] * 3
+    assert data["metrics"] == {} and data["score"] is None
