@@ -153,7 +153,7 @@ def save_checkpoint(
     elif dist.is_main:
         save_file(trainable_state_dict(model), str(tmp / TRAINABLE_FILE))
         if hasattr(model, "peft_config"):
-            model.save_pretrained(str(tmp / "adapter"))
+            model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None and scaler.is_enabled():

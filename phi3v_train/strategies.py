@@ -13,9 +13,11 @@ available as ``--freeze_text_embeddings_with_vision``.
 
 LoRA targets are the original's (original_recipe.md §1.3): LLM ``qkv_proj o_proj gate_up_proj
 down_proj lm_head``; CLIP ``q_proj k_proj v_proj out_proj fc1 fc2`` and ``img_projection.0/.2``,
-the latter two groups only when their part is not frozen. Targets are passed to PEFT as full
+each group only when its part is not frozen (``--freeze_vision_model`` drops the CLIP adapters;
+the original also dropped the projector's, which ``--freeze projector`` does here). Targets are passed to PEFT as full
 module names, so a CLIP ``q_proj`` can never be confused with anything in the language model. As
-in the original, LoRA freezes every base weight (separators and embeddings included).
+in the original, LoRA freezes every base weight (separators and embeddings included). CLIP layers
+after the feature layer never run and get no adapters (the original deleted them for LoRA).
 """
 
 from __future__ import annotations
@@ -64,16 +66,29 @@ def lora_target_modules(model: nn.Module, config: TrainConfig) -> list[str]:
         PROJECTOR: PROJECTOR_LORA_TARGETS,
         LLM: LLM_LORA_TARGETS,
     }
+    dead = _unused_vision_layers(model)
     targets = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) and type(module).__name__ != "Linear4bit":
             continue
         part = part_of(name)
-        if part in frozen:
+        if part in frozen or any(prefix in name + "." for prefix in dead):
             continue
         if any(name == t or name.endswith("." + t) for t in wanted[part]):
             targets.append(name)
     return targets
+
+
+def _unused_vision_layers(model: nn.Module) -> list[str]:
+    """Name prefixes of the CLIP layers after the feature layer (they never run: no adapters)."""
+    prefixes = []
+    for name, module in model.named_modules():
+        used = getattr(module, "num_layers_used", None)
+        if used is None or not hasattr(module, "vision_model"):
+            continue
+        layers = module.vision_model.encoder.layers
+        prefixes += [f"{name}.vision_model.encoder.layers.{i}." for i in range(used, len(layers))]
+    return prefixes
 
 
 def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:

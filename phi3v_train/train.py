@@ -350,7 +350,11 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
     else:
         apply_freezing(model, config)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        non_reentrant = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
     model.config.use_cache = False
     log(f"strategy: {_strategy_name(config)}; {trainable_summary(model)}")
     trainable = [param for param in model.parameters() if param.requires_grad]
@@ -633,10 +637,10 @@ def _save_outputs(model, processor, config, state, out, dist, engine, log) -> No
     if engine is not None and config.deepspeed == "zero3":
         state_dict = engine._zero3_consolidated_16bit_state_dict()
     if dist.is_main:
+        options = {"save_embedding_layers": False} if config.lora else {}
         if state_dict is not None:
-            model.save_pretrained(str(out), state_dict=state_dict)
-        else:
-            model.save_pretrained(str(out))
+            options["state_dict"] = state_dict
+        model.save_pretrained(str(out), **options)
         processor.save_pretrained(str(out))
         _plot_losses(state.losses, out / "loss_curve.png")
         state.write(out / "trainer_state.json")

@@ -1,0 +1,186 @@
+"""Every strategy trains in-process on the toy colour task: the loss falls, exactly the intended
+parts change, and the outputs have the promised layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from train_helpers import tiny_model, write_dataset
+
+from phi3v_train.config import TrainConfig
+from phi3v_train.strategies import CLIP_LORA_TARGETS, lora_target_modules
+from phi3v_train.train import train
+
+CLIP_WEIGHT = "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.0.mlp.fc1.weight"
+PROJECTOR_WEIGHT = "model.vision_embed_tokens.img_projection.0.weight"
+SEPARATOR = "model.vision_embed_tokens.glb_GN"
+EMBEDDINGS = "model.embed_tokens.weight"
+DECODER_WEIGHT = "model.layers.0.mlp.down_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("toy"), train=4, text_only_every=4)
+
+
+def _train(model_dir: Path, data: Path, out: Path, **overrides: object) -> list[float]:
+    options: dict = dict(
+        model_name_or_path=str(model_dir),
+        data_dir=data,
+        output_dir=out,
+        num_crops=1,
+        batch_size=2,
+        batch_size_per_gpu=2,
+        max_steps=8,
+        learning_rate=3e-3,
+        num_workers=0,
+        report_to="none",
+        tqdm=False,
+        skip_eval_before=True,
+        skip_eval_after=True,
+        gradient_checkpointing=False,
+        seed=0,
+    )
+    options.update(overrides)
+    train(TrainConfig(**options))
+    losses = [loss for _, loss in json.loads((out / "trainer_state.json").read_text())["losses"]]
+    assert len(losses) == options["max_steps"]
+    return losses
+
+
+def _assert_learns(losses: list[float]) -> None:
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < first - 0.3, losses
+
+
+def _changed(before: dict, after: dict, key: str) -> bool:
+    return not torch.equal(before[key], after[key])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "trains", "frozen"),
+    [
+        pytest.param(
+            {"gradient_checkpointing": True},
+            [CLIP_WEIGHT, PROJECTOR_WEIGHT, SEPARATOR, EMBEDDINGS, DECODER_WEIGHT],
+            [],
+            id="full",
+        ),
+        pytest.param(
+            {"freeze_vision_model": True},
+            [PROJECTOR_WEIGHT, SEPARATOR, EMBEDDINGS, DECODER_WEIGHT],
+            [CLIP_WEIGHT],
+            id="frozen_vision",
+        ),
+        pytest.param(
+            {"freeze_vision_model": True, "freeze_text_embeddings_with_vision": True},
+            [DECODER_WEIGHT],
+            [CLIP_WEIGHT, PROJECTOR_WEIGHT, SEPARATOR, EMBEDDINGS],
+            id="original_frozen_vision",
+        ),
+        pytest.param(
+            {"freeze": ["llm", "projector"], "vision_lr": 3e-2},
+            [CLIP_WEIGHT],
+            [PROJECTOR_WEIGHT, SEPARATOR, EMBEDDINGS, DECODER_WEIGHT],
+            id="vision_only_own_lr",
+        ),
+    ],
+)
+def test_full_finetuning_strategies(
+    overrides: dict,
+    trains: list[str],
+    frozen: list[str],
+    tiny_model_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    losses = _train(tiny_model_dir, data_dir, out, **overrides)
+    if "freeze" not in overrides:  # the vision-only run is about what moves, not the loss
+        _assert_learns(losses)
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys()  # official key names, nothing added or lost
+    for key in trains:
+        assert _changed(before, after, key), f"{key} should train"
+    for key in frozen:
+        assert not _changed(before, after, key), f"{key} should stay frozen"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "phi3_v" and config["architectures"] == ["Phi3VForCausalLM"]
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    resolved = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert TrainConfig.model_validate(resolved).max_steps == 8
+
+
+@pytest.mark.parametrize(
+    ("overrides", "clip_targets"),
+    [
+        pytest.param({"use_lora": True}, True, id="lora"),
+        pytest.param(
+            {"use_lora": True, "freeze_vision_model": True}, False, id="lora_frozen_vision"
+        ),
+        pytest.param({"use_dora": True}, True, id="dora"),
+    ],
+)
+def test_adapter_strategies(
+    overrides: dict, clip_targets: bool, tiny_model_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    losses = _train(tiny_model_dir, data_dir, out, lora_rank=8, learning_rate=2e-2, **overrides)
+    _assert_learns(losses)
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    targets = adapter["target_modules"]
+    assert adapter["r"] == 8 and adapter["lora_alpha"] == 16
+    assert adapter["init_lora_weights"] == "gaussian"
+    assert adapter["use_dora"] == bool(overrides.get("use_dora"))
+    assert any(t.endswith("qkv_proj") for t in targets) and "lm_head" in targets
+    # frozen vision drops the CLIP adapters only: the projector keeps its own (--freeze projector)
+    assert any(t.endswith("img_projection.2") for t in targets)
+    # PEFT may store the shortest suffixes that select the same modules
+    assert bool({t.rsplit(".", 1)[-1] for t in targets} & set(CLIP_LORA_TARGETS)) == clip_targets
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert weights and all("lora" in key for key in weights)  # no base weights in the adapter
+    assert not (out / "model.safetensors").exists()
+    assert (out / "tokenizer.json").is_file() and (out / "processor_config.json").is_file()
+
+
+def test_qlora_trains_on_cpu(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "data", train=2, text_only_every=2)
+    out = tmp_path / "out"
+    losses = _train(
+        tiny_model_dir,
+        data,
+        out,
+        use_qlora=True,
+        lora_rank=8,
+        learning_rate=2e-2,
+        max_steps=5,
+    )
+    _assert_learns(losses)
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert "lm_head" in adapter["target_modules"]
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_lora_targets_skip_the_clip_layers_that_never_run(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    targets = lora_target_modules(model, TrainConfig(use_lora=True))
+    tower = model.model.vision_embed_tokens.img_processor
+    last = len(tower.vision_model.encoder.layers) - 1
+    assert tower.num_layers_used == last  # the penultimate layer's output is the feature
+    assert any(f"encoder.layers.{last - 1}.self_attn.q_proj" in t for t in targets)
+    assert not any(f"encoder.layers.{last}." in t for t in targets)
+    assert "model.vision_embed_tokens.img_projection.0" in targets
+    assert sum(t.endswith("qkv_proj") for t in targets) == model.config.num_hidden_layers
