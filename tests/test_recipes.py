@@ -167,3 +167,20 @@ def test_lora_recipe_output_evaluates_with_adapter(recipe_runs: dict, tmp_path: 
         e["prediction"] for e in after["examples"]
     ]
     assert mine["metrics"] == pytest.approx(after["metrics"])
+
+
+def test_merged_lora_recipe_output_scores_like_the_adapter(recipe_runs: dict, tmp_path: Path):
+    """Train (recipe) -> merge -> evaluate the merged directory: the trainer's eval_after again."""
+    from phi3v_train.evaluate import evaluate_split, load_for_inference
+    from phi3v_train.merge import merge_adapter
+
+    run = recipe_runs["docvqa-lora"]
+    assert run["returncode"] == 0, run["output"][-3000:]
+    merged = merge_adapter(run["tiny"], run["out"], tmp_path / "merged")
+    model, processor = load_for_inference(merged, num_crops=1)
+    result = evaluate_split(
+        model, processor, run["data_dir"], "val", max_samples=2, max_new_tokens=2
+    )
+    after = json.loads((run["out"] / "eval_after.json").read_text())
+    assert [e.prediction for e in result.examples] == [e["prediction"] for e in after["examples"]]
+    assert result.metrics == pytest.approx(after["metrics"])
