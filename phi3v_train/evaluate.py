@@ -15,7 +15,6 @@ logits of the first generated position.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from phi3v_data.dataset import (
 from phi3v_data.schema import DatasetInfo, Record
 from phi3v_train import metrics as metric_fns
 from phi3v_train.data import GenerationCollator, GenerationDataset
+from phi3v_train.distributed import cleanup_distributed, setup_distributed
 
 #: Generation stops at the end of the assistant turn or at the end of text.
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")
@@ -343,19 +343,6 @@ def has_processor(directory: Path) -> bool:
     return any((Path(directory) / name).is_file() for name in names)
 
 
-def _init_distributed() -> torch.device:
-    """Join the process group under torchrun (``WORLD_SIZE`` > 1); return this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -433,7 +420,7 @@ def eval_command(
         raise click.ClickException(str(error)) from None
     if adapter is not None and adapter_problem(adapter):
         raise click.ClickException(adapter_problem(adapter))
-    device = _init_distributed()
+    where = setup_distributed()
     if num_crops is None:
         num_crops = load_info(data_dir).num_crops
     try:
@@ -441,8 +428,8 @@ def eval_command(
             model_path,
             adapter=adapter,
             num_crops=num_crops,
-            dtype=_pick_dtype(dtype, device),
-            device=device,
+            dtype=_pick_dtype(dtype, where.device),
+            device=where.device,
         )
     except (OSError, ValueError, RuntimeError) as error:
         message = f"{model_path}: cannot load the model: {error_headline(error)}"
@@ -460,8 +447,9 @@ def eval_command(
         )
     except DatasetError as error:
         raise click.ClickException(str(error)) from None
-    if _rank_and_world()[0] == 0:
+    if where.is_main:
         out = out or Path(f"eval_{split}.json")
         result.write_json(out)
         click.echo(result.format_table())
         click.echo(f"wrote {out}")
+    cleanup_distributed()
