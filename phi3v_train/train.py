@@ -297,6 +297,7 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
     )
 
     # 1. checks that need no model ---------------------------------------------------------
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     is_main = int(os.environ.get("RANK", "0")) == 0
     accumulation = gradient_accumulation_steps(config, world_size)

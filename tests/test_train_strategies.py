@@ -41,7 +41,7 @@ def _train(model_dir: Path, data: Path, out: Path, **overrides: object) -> list[
         num_crops=1,
         batch_size=2,
         batch_size_per_gpu=2,
-        max_steps=8,
+        max_steps=6,
         learning_rate=3e-3,
         num_workers=0,
         report_to="none",
@@ -119,7 +119,7 @@ def test_full_finetuning_strategies(
     assert config["model_type"] == "phi3_v" and config["architectures"] == ["Phi3VForCausalLM"]
     assert (out / "loss_curve.png").stat().st_size > 1000
     resolved = yaml.safe_load((out / "train_config.yaml").read_text())
-    assert TrainConfig.model_validate(resolved).max_steps == 8
+    assert TrainConfig.model_validate(resolved).max_steps == 6
 
 
 @pytest.mark.parametrize(
@@ -164,7 +164,7 @@ def test_qlora_trains_on_cpu(tiny_model_dir: Path, tmp_path: Path) -> None:
         use_qlora=True,
         lora_rank=8,
         learning_rate=2e-2,
-        max_steps=5,
+        max_steps=4,
     )
     _assert_learns(losses)
     adapter = json.loads((out / "adapter_config.json").read_text())
