@@ -253,9 +253,8 @@ def _click_option(name: str, field: Any) -> click.Option:
     annotation = _unwrap_optional(field.annotation)
     default = field.get_default(call_default_factory=True)
     help_text = field.description or ""
-    if default not in (None, [], False) or annotation is int or annotation is float:
-        shown = "none" if default is None else default
-        help_text += f"  [default: {shown}]"
+    if default not in (None, [], False):
+        help_text += f"  [default: {default}]"
     flag = f"--{name}"
     if annotation is bool:
         return click.Option(
