@@ -87,13 +87,14 @@ def test_mixed_batches_under_zero2_match_ddp(
 
 def test_documented_torchrun_line_from_a_checkout(tmp_path: Path, tiny_model_dir: Path) -> None:
     """`torchrun --nproc_per_node=2 phi3v-train ...` runs the repository's launcher script; LoRA
-    under DDP, with the evaluation after training sharded over both ranks."""
+    under DDP, with the evaluations before and after training sharded over both ranks."""
     data = write_dataset(tmp_path / "data", train=4, text_only_every=2)
     out = tmp_path / "out"
     args = base_args(
         tiny_model_dir, data, out, batch_size=4, batch_size_per_gpu=1, use_lora=True, lora_rank=4
     )
     args.remove("--skip_eval_after")
+    args.remove("--skip_eval_before")
     result = run_cli(
         [*args, "--eval_max_samples", "2", "--max_new_tokens", "4"],
         launcher=[*TORCHRUN, "phi3v-train"],
@@ -103,4 +104,5 @@ def test_documented_torchrun_line_from_a_checkout(tmp_path: Path, tiny_model_dir
     assert (REPO_ROOT / "phi3v-train").is_file()
     assert (out / "adapter_model.safetensors").is_file()
     assert (out / "adapter_config.json").is_file()
-    assert "accuracy" in json.loads((out / "eval_after.json").read_text())["metrics"]
+    for name in ("eval_before.json", "eval_after.json"):
+        assert "accuracy" in json.loads((out / name).read_text())["metrics"]

@@ -71,7 +71,7 @@ def _changed(before: dict, after: dict, key: str) -> bool:
     ("overrides", "trains", "frozen"),
     [
         pytest.param(
-            {"gradient_checkpointing": True},
+            {"gradient_checkpointing": True, "report_to": "tensorboard"},
             [CLIP_WEIGHT, PROJECTOR_WEIGHT, SEPARATOR, EMBEDDINGS, DECODER_WEIGHT],
             [],
             id="full",
@@ -118,6 +118,8 @@ def test_full_finetuning_strategies(
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "phi3_v" and config["architectures"] == ["Phi3VForCausalLM"]
     assert (out / "loss_curve.png").stat().st_size > 1000
+    if overrides.get("report_to") == "tensorboard":
+        assert list((out / "logs").glob("events.out.tfevents.*"))
     resolved = yaml.safe_load((out / "train_config.yaml").read_text())
     assert TrainConfig.model_validate(resolved).max_steps == 6
 
