@@ -161,7 +161,8 @@ class EpochSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(size, generator=generator).tolist()
         padded = math.ceil(size / world_size) * world_size
-        order += order[: padded - size]
+        while len(order) < padded:  # fewer records than processes: wrap around again
+            order += order[: padded - len(order)]
         self.indices = order[rank::world_size][skip:]
 
     def __iter__(self) -> Iterator[int]:
@@ -411,6 +412,8 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
         except ValueError as error:
             raise TrainingError(str(error)) from None
         log(f"resumed from {resume_from} at step {state.global_step}")
+    elif config.resume == "auto":
+        log(f"--resume auto: no complete checkpoint in {out}, starting from step 0")
 
     # 8. train -------------------------------------------------------------------------------
     log(

@@ -74,3 +74,21 @@ def test_sigkill_and_resume_is_bit_identical(
     losses_resumed = json.loads((killed / "trainer_state.json").read_text())["losses"]
     assert losses_resumed == losses_straight
     assert len(losses_straight) == 6
+
+
+@pytest.mark.parametrize(("size", "world"), [(1, 4), (5, 2), (8, 2), (9, 3)])
+def test_epoch_sampler_shards_evenly_and_skips_exactly(size: int, world: int) -> None:
+    """Every rank gets as many samples, all samples are covered, the order depends only on
+    (seed, epoch), and a resumed sampler is the suffix of the uninterrupted one."""
+    from phi3v_train.train import EpochSampler
+
+    def shard(rank: int, epoch: int = 0, skip: int = 0) -> list[int]:
+        return list(EpochSampler(size, seed=5, epoch=epoch, rank=rank, world_size=world, skip=skip))
+
+    shards = [shard(rank) for rank in range(world)]
+    assert len({len(part) for part in shards}) == 1
+    assert set().union(*shards) == set(range(size))
+    assert shards == [shard(rank) for rank in range(world)]
+    assert shard(0, skip=1) == shards[0][1:]
+    if size > 4:
+        assert shard(0, epoch=1) != shards[0]
