@@ -22,10 +22,14 @@ DEFAULT_COMMAND = "train"
 
 
 class DefaultLazyGroup(LazyGroup):
-    """Runs ``train`` when the first argument is not a subcommand (``phi3v-train --data_dir D``)."""
+    """Runs ``train`` when the first argument is not a subcommand (``phi3v-train --data_dir D``).
+
+    ``phi3v-train --help`` is therefore the training help, which documents every flag and ends
+    with the list of the other subcommands.
+    """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or args[0] not in self.lazy_subcommands and args[0] not in ("-h", "--help"):
+        if not args or args[0] not in self.lazy_subcommands:
             args = [DEFAULT_COMMAND, *args]
         return super().parse_args(ctx, args)
 

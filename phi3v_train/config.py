@@ -47,8 +47,8 @@ class TrainConfig(BaseModel):
     train_split: str = Field(default="train", description="Split trained on.")
     eval_split: str | None = Field(
         default=None,
-        description="Split evaluated before and after training (default: val if present, else "
-        "test, else none; `none` disables).",
+        description="Split evaluated before and after training (default: the first labelled one "
+        "of val, dev, dev_seen, test; `none` disables).",
     )
     num_crops: int | None = Field(
         default=None,

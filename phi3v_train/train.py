@@ -56,6 +56,11 @@ class TrainingError(Exception):
     """A problem found before or during set-up, reported as one line with exit status 2."""
 
 
+#: Splits evaluated when --eval_split is not given, in order of preference; unlabeled ones are
+#: skipped (converters write val, dev (NLVR2), dev_seen (Hateful Memes) and test).
+DEFAULT_EVAL_SPLITS = ("val", "dev", "dev_seen", "test")
+
+
 # ------------------------------------------------------------------------------------------------
 # command
 # ------------------------------------------------------------------------------------------------
@@ -71,6 +76,9 @@ def train_command(ctx: click.Context, **params: Any) -> None:
       phi3v-train --data_dir DIR --output_dir OUT [options]
       phi3v-train --config recipes/docvqa-lora.yaml --data_dir DIR --output_dir OUT
       torchrun --nproc_per_node=N --no-python phi3v-train --data_dir DIR ...
+
+    Other commands: `phi3v-train eval`, `phi3v-train merge`, `phi3v-train make-tiny`
+    (each with --help).
     """
     config = build_config(ctx, params)
     if config.data_dir is None:
@@ -116,14 +124,15 @@ def check_dataset(config: TrainConfig, is_main: bool) -> tuple[str | None, int]:
         raise TrainingError(
             f"{data_dir}: --train_split: no split {config.train_split!r} (found: {known})"
         )
+    info = load_info(data_dir)
     eval_split = config.eval_split
     if eval_split is None:
-        eval_split = next((s for s in ("val", "test") if s in splits), None)
+        labelled = [split for split in DEFAULT_EVAL_SPLITS if split not in info.unlabeled_splits]
+        eval_split = next((split for split in labelled if split in splits), None)
     elif eval_split == "none":
         eval_split = None
     elif eval_split not in splits:
         raise TrainingError(f"{data_dir}: --eval_split: no split {eval_split!r}")
-    info = load_info(data_dir)
     num_crops = config.num_crops or info.num_crops or DEFAULT_NUM_CROPS
     return eval_split, num_crops
 
