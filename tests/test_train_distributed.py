@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -106,3 +107,27 @@ def test_documented_torchrun_line_from_a_checkout(tmp_path: Path, tiny_model_dir
     assert (out / "adapter_config.json").is_file()
     for name in ("eval_before.json", "eval_after.json"):
         assert "accuracy" in json.loads((out / name).read_text())["metrics"]
+
+
+def test_documented_torchrun_line_on_a_converted_dataset(tmp_path: Path, tiny_model_dir: Path):
+    """The README's literal line trains on a dataset made by `phi3v-data synth` + `convert`.
+
+    With more than 256 distinct images the up-front validation checks them on worker processes
+    (spawn, since torch is loaded), and a spawned child re-imports the launcher script as
+    __main__: the script must not start training again there (it did before its __main__ guard).
+    """
+    raw, data, out = tmp_path / "raw", tmp_path / "data", tmp_path / "out"
+    data_cli = str(BIN / "phi3v-data")
+    synth = [data_cli, "synth", "ucf101", "--out", str(raw), "--classes", "2", "--groups", "3"]
+    convert = [data_cli, "convert", "ucf101", str(raw), "--out_dir", str(data)]
+    for command in ([*synth, "--clips", "6"], [*convert, "--num_frames", "8"]):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert sum(1 for _ in (data / "images").rglob("*.jpg")) > 256
+
+    args = base_args(tiny_model_dir, data, out, batch_size=2, batch_size_per_gpu=1, max_steps=2)
+    result = run_cli(args, launcher=[*TORCHRUN, "phi3v-train"], env=_env())
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stderr.count("training: ") == 1, result.stderr[-4000:]
+    assert len(_losses(out)) == 2
+    assert (out / "model.safetensors").is_file()
