@@ -20,7 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import REPO_ROOT, base_args, run_cli, tiny_model, write_dataset
+from train_helpers import (
+    REPO_ROOT,
+    base_args,
+    logged_losses,
+    run_cli,
+    tiny_model,
+    write_dataset,
+)
 
 BIN = Path(sys.executable).parent
 TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"]
@@ -37,10 +44,6 @@ def _env() -> dict[str, str]:
     return {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def _losses(out: Path) -> list[list[float]]:
-    return json.loads((out / "trainer_state.json").read_text())["losses"]
-
-
 def _mixed_run(tmp_path: Path, model_dir: Path, name: str, **extra: object) -> dict:
     """Train on the mixed dataset with torchrun (2 processes); return the final weights."""
     data = tmp_path / "data"
@@ -55,7 +58,7 @@ def _mixed_run(tmp_path: Path, model_dir: Path, name: str, **extra: object) -> d
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "2 process(es)" in result.stderr
-    assert len(_losses(out)) == 3 and all(math.isfinite(v) for _, v in _losses(out))
+    assert len(logged_losses(out)) == 3 and all(math.isfinite(v) for _, v in logged_losses(out))
     return load_file(str(out / "model.safetensors"))
 
 
@@ -129,5 +132,5 @@ def test_documented_torchrun_line_on_a_converted_dataset(tmp_path: Path, tiny_mo
     result = run_cli(args, launcher=[*TORCHRUN, "phi3v-train"], env=_env())
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stderr.count("training: ") == 1, result.stderr[-4000:]
-    assert len(_losses(out)) == 2
+    assert len(logged_losses(out)) == 2
     assert (out / "model.safetensors").is_file()

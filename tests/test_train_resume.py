@@ -10,12 +10,11 @@ used. The full fine-tuning case is marked slow (same code path, all weights trai
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
 import pytest
-from train_helpers import base_args, run_cli, tiny_model, write_dataset
+from train_helpers import base_args, logged_losses, run_cli, tiny_model, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +69,8 @@ def test_sigkill_and_resume_is_bit_identical(
     assert not (killed / "checkpoint-9.tmp").exists()
 
     assert (killed / weights).read_bytes() == (straight / weights).read_bytes()
-    losses_straight = json.loads((straight / "trainer_state.json").read_text())["losses"]
-    losses_resumed = json.loads((killed / "trainer_state.json").read_text())["losses"]
+    losses_straight = logged_losses(straight)
+    losses_resumed = logged_losses(killed)
     assert losses_resumed == losses_straight
     assert len(losses_straight) == 6
 

@@ -10,11 +10,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from train_helpers import tiny_model, write_dataset
+from train_helpers import tiny_model, train_in_process, write_dataset
 
 from phi3v_train.config import TrainConfig
 from phi3v_train.strategies import CLIP_LORA_TARGETS, lora_target_modules
-from phi3v_train.train import train
 
 CLIP_WEIGHT = "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.0.mlp.fc1.weight"
 PROJECTOR_WEIGHT = "model.vision_embed_tokens.img_projection.0.weight"
@@ -34,27 +33,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(model_dir: Path, data: Path, out: Path, **overrides: object) -> list[float]:
-    options: dict = dict(
-        model_name_or_path=str(model_dir),
-        data_dir=data,
-        output_dir=out,
-        num_crops=1,
-        batch_size=2,
-        batch_size_per_gpu=2,
-        max_steps=6,
-        learning_rate=3e-3,
-        num_workers=0,
-        report_to="none",
-        tqdm=False,
-        skip_eval_before=True,
-        skip_eval_after=True,
-        gradient_checkpointing=False,
-        seed=0,
-    )
-    options.update(overrides)
-    train(TrainConfig(**options))
-    losses = [loss for _, loss in json.loads((out / "trainer_state.json").read_text())["losses"]]
-    assert len(losses) == options["max_steps"]
+    losses = train_in_process(model_dir, data, out, **overrides)
+    assert len(losses) == overrides.get("max_steps", 6)
     return losses
 
 

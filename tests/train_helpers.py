@@ -87,6 +87,39 @@ def run_cli(args: list[str], *, env: dict | None = None, timeout: int = 600, lau
     )
 
 
+def train_in_process(model_dir: Path, data: Path, out: Path, **overrides: object) -> list[float]:
+    """Train in this process with fast CPU defaults (no eval, no workers, no tensorboard, no
+    checkpointing of activations) and ``overrides``; return the logged loss of every step."""
+    from phi3v_train.config import TrainConfig
+    from phi3v_train.train import train
+
+    options: dict = dict(
+        model_name_or_path=str(model_dir),
+        data_dir=data,
+        output_dir=out,
+        num_crops=1,
+        batch_size=2,
+        batch_size_per_gpu=2,
+        max_steps=6,
+        learning_rate=3e-3,
+        num_workers=0,
+        report_to="none",
+        tqdm=False,
+        skip_eval_before=True,
+        skip_eval_after=True,
+        gradient_checkpointing=False,
+        seed=0,
+    )
+    options.update(overrides)
+    train(TrainConfig(**options))
+    return [loss for _, loss in logged_losses(out)]
+
+
+def logged_losses(out: Path) -> list[list[float]]:
+    """The ``[step, loss]`` pairs a finished run wrote to ``trainer_state.json``."""
+    return json.loads((out / "trainer_state.json").read_text())["losses"]
+
+
 def base_args(model_dir: Path, data_dir: Path, out_dir: Path, **overrides: object) -> list[str]:
     """A fast CPU run: num_crops 1, no workers, no eval, no tensorboard, no progress bar."""
     options: dict[str, object] = {
