@@ -32,7 +32,7 @@ from pathlib import Path
 
 import orjson
 
-from phi3v_data.validate import available_cores
+from phi3v_data.workers import available_cores
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = [f"Class{index:03d}" for index in range(101)]

@@ -63,25 +63,24 @@ import importlib
 import importlib.metadata
 import json
 import multiprocessing
-import os
 import pkgutil
 import shutil
 import sys
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import Any, ClassVar
 
 import click
 import orjson
 from pydantic import ValidationError
 
+from phi3v_data.atomic import atomic_open, write_atomic
 from phi3v_data.dataset import IMAGES_DIRNAME, INFO_FILENAME, record_context
+from phi3v_data.messages import plain_errors
 from phi3v_data.schema import DatasetInfo, Record
-from phi3v_data.validate import _start_method
+from phi3v_data.workers import start_method
 
 ENTRY_POINT_GROUP = "phi3v.converters"
 BUILTIN_PACKAGE = "phi3v_data.builtin_converters"
@@ -92,9 +91,6 @@ PARTIAL_DIRNAME = "partial"
 REPORT_FILENAME = "convert_report.json"
 #: JPEG quality of every frame or image a converter re-encodes (fixed: part of the output bytes).
 JPEG_QUALITY = 95
-#: The process umask (read once: os.umask can only be read by setting it), for files from mkstemp.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 #: Runner options; a converter must not declare options with these names.
 RUNNER_PARAMS = ("src", "out_dir", "workers", "overwrite")
 
@@ -300,30 +296,6 @@ def _dump_json(data: Any) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
-@contextmanager
-def atomic_open(path: Path, temp_dir: Path | None = None) -> Iterator[IO[bytes]]:
-    """Open a temporary file in ``temp_dir`` (default: beside ``path``); rename it onto ``path``
-    when the block ends without error, delete it otherwise."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp_dir = temp_dir or path.parent
-    temp_dir.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=temp_dir, prefix=f".{path.name}.")
-    try:
-        os.chmod(temp_name, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual mode
-        with os.fdopen(descriptor, "wb") as handle:
-            yield handle
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
-def write_atomic(path: Path, data: bytes, temp_dir: Path | None = None) -> None:
-    """Write ``data`` under a temporary name, then rename it onto ``path``."""
-    with atomic_open(path, temp_dir) as handle:
-        handle.write(data)
-
-
 @dataclass
 class _Outcome:
     """The result of one item: its records, or why it was skipped."""
@@ -367,9 +339,8 @@ def _run_item(task: tuple[int, Item]) -> _Outcome:
     except SkipItem as error:
         outcome.reason = str(error)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "record"
-        outcome.reason = f"invalid record: {where}: {first['msg']}"
+        field, message = plain_errors(error)[0]
+        outcome.reason = f"invalid record: {field}: {message}"
     except Exception as error:  # unusable input must never be fatal
         outcome.reason = f"{type(error).__name__}: {error}"
     return outcome
@@ -529,7 +500,7 @@ def _execute(
         yield from map(_run_item, todo)
         return
     chunksize = max(1, min(16, len(todo) // (workers * 8)))
-    context = multiprocessing.get_context(_start_method())  # fork, unless torch is loaded
+    context = multiprocessing.get_context(start_method())  # fork, unless torch is loaded
     with context.Pool(workers, _init_worker, (converter_cls, images, info)) as pool:
         yield from pool.imap_unordered(_run_item, todo, chunksize=chunksize)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from phi3v_data.convert import write_atomic
+from phi3v_data.atomic import write_atomic
 
 #: Class names (UCF-101's first classes in classInd order); --classes N takes the first N.
 CLASS_NAMES = (

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import sys
 from array import array
 from bisect import bisect_right
@@ -45,6 +44,7 @@ from phi3v_data.images import ImageChecker, check_image_path
 from phi3v_data.messages import one_line
 from phi3v_data.record_scan import ChunkScan, prune_answers, scan_chunk
 from phi3v_data.schema import DatasetInfo
+from phi3v_data.workers import available_cores, start_method
 
 #: Problems listed per file; the rest are counted as suppressed.
 DEFAULT_MAX_PROBLEMS_PER_FILE = 1000
@@ -236,7 +236,7 @@ class _Validation:
     def pool(self) -> ProcessPoolExecutor | None:
         """Worker processes (created on first use), or None when running in one process."""
         if self._pool is None and self.jobs > 1:
-            context = multiprocessing.get_context(_start_method())
+            context = multiprocessing.get_context(start_method())
             self._pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=context)
         return self._pool
 
@@ -378,14 +378,6 @@ class _Validation:
             self.add(path, line, "images", message)
 
 
-def _start_method() -> str:
-    """``fork`` (instant) in a plain process; ``spawn`` where fork is missing or unsafe: a process
-    that loaded torch (the trainer) runs native thread pools that a fork would copy mid-lock."""
-    if "fork" in multiprocessing.get_all_start_methods() and "torch" not in sys.modules:
-        return "fork"
-    return "spawn"
-
-
 def _is_train(split: str | None) -> bool:
     return bool(split and split.lower().startswith("train"))
 
@@ -414,13 +406,6 @@ def _repeats(digests: np.ndarray) -> list[tuple[int, int]]:
         else:
             first[value] = index
     return pairs
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def validate_dataset(

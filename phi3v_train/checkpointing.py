@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from phi3v_data.atomic import write_atomic
 from phi3v_train.distributed import DistInfo, barrier
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -54,9 +55,7 @@ class TrainerState:
     losses: list[list[float]] = field(default_factory=list)  # [step, loss] pairs
 
     def write(self, path: Path) -> None:
-        tmp = path.with_name(path.name + TMP_SUFFIX)
-        tmp.write_text(json.dumps(asdict(self), indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(asdict(self), indent=1).encode("utf-8"))
 
     @classmethod
     def read(cls, path: Path) -> TrainerState:

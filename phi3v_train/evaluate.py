@@ -25,7 +25,7 @@ import orjson
 import torch
 from torch.utils.data import DataLoader
 
-from phi3v_data.convert import write_atomic
+from phi3v_data.atomic import write_atomic
 from phi3v_data.dataset import (
     INFO_FILENAME,
     DatasetError,
@@ -36,6 +36,7 @@ from phi3v_data.dataset import (
 )
 from phi3v_data.schema import DatasetInfo, Record
 from phi3v_train import metrics as metric_fns
+from phi3v_train.config import MAX_NUM_CROPS
 from phi3v_train.data import GenerationCollator, GenerationDataset
 from phi3v_train.distributed import cleanup_distributed, setup_distributed
 
@@ -379,7 +380,9 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     type=click.Path(dir_okay=False, path_type=Path),
     help="JSON file for metrics and per-example results [default: eval_<split>.json].",
 )
-@click.option("--num_crops", type=click.IntRange(1, 16), help="Override the processor's num_crops.")
+@click.option(
+    "--num_crops", type=click.IntRange(1, MAX_NUM_CROPS), help="Override the processor's num_crops."
+)
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),

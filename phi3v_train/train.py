@@ -29,6 +29,7 @@ rank, and the loss is unchanged (tested: ZeRO-2 matches DDP on such batches).
 from __future__ import annotations
 
 import importlib.util
+import io
 import math
 import os
 import random
@@ -45,7 +46,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from phi3v_train.config import DEFAULT_NUM_CROPS, TrainConfig, build_config, config_options
+from phi3v_data.atomic import write_atomic
+from phi3v_train.config import (
+    DEEPSPEED_PRESETS,
+    DEFAULT_NUM_CROPS,
+    TrainConfig,
+    build_config,
+    config_options,
+)
 
 #: Fault injection for the resume tests: the process SIGKILLs itself after this optimizer step.
 KILL_AFTER_STEP_ENV = "PHI3V_TRAIN_KILL_AFTER_STEP"
@@ -262,7 +270,7 @@ def deepspeed_config(config: TrainConfig, accumulation: int, device: torch.devic
     import json
 
     name = config.deepspeed
-    path = DEEPSPEED_CONFIG_DIR / f"{name}.json" if name in ("zero2", "zero3") else Path(name)
+    path = DEEPSPEED_CONFIG_DIR / f"{name}.json" if name in DEEPSPEED_PRESETS else Path(name)
     ds = json.loads(path.read_text(encoding="utf-8"))
     ds["train_micro_batch_size_per_gpu"] = config.batch_size_per_gpu
     ds["gradient_accumulation_steps"] = accumulation
@@ -323,7 +331,7 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
         out.mkdir(parents=True, exist_ok=True)
         for stale in ckpt.remove_incomplete(out):
             log(f"removed incomplete checkpoint {stale}")
-        (out / "train_config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+        write_atomic(out / "train_config.yaml", config.to_yaml().encode("utf-8"))
     barrier()
     if config.use_flash_attention:
         log(f"attention: {attn}" + ("" if attn == "flash_attention_2" else " (flash_attn absent)"))
@@ -362,10 +370,7 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
         apply_freezing(model, config)
     if config.gradient_checkpointing:
         non_reentrant = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
     model.config.use_cache = False
     log(f"strategy: {_strategy_name(config)}; {trainable_summary(model)}")
     trainable = [param for param in model.parameters() if param.requires_grad]
@@ -676,7 +681,7 @@ def _plot_losses(losses: list[list[float]], path: Path) -> None:
     axis.set_ylabel("training loss")
     axis.set_title("phi3v-train")
     figure.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp)
+    image = io.BytesIO()
+    figure.savefig(image, format="png")
     plt.close(figure)
-    os.replace(tmp, path)
+    write_atomic(path, image.getvalue())

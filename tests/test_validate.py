@@ -321,7 +321,7 @@ def test_chunks_on_worker_processes_give_the_same_report(
     dataset = write_dataset(tmp_path / "d", {"train": rows}, images=images)
     one = run_validate(dataset)
     monkeypatch.setattr(validate_module, "CHUNK_BYTES", 2000)
-    monkeypatch.setattr(validate_module, "_start_method", lambda: start_method)
+    monkeypatch.setattr(validate_module, "start_method", lambda: start_method)
     two = run_validate(dataset, jobs=2)
     assert [str(p) for p in one.problems] == [str(p) for p in two.problems]
     assert one.summary.to_json() == two.summary.to_json()
