@@ -465,7 +465,8 @@ class Ucf101Converter(Converter):
         if not video_root.is_dir():
             raise SourceError(video_root, "video root is not a folder")
         kept = select_classes(options.get("classes"), classes)
-        clips = [clip for clip in clips if clip.class_name in set(kept)]
+        kept_names = set(kept)
+        clips = [clip for clip in clips if clip.class_name in kept_names]
         if carve:
             clips = carve_val(
                 clips, float(options.get("val_fraction", 0.1)), int(options.get("seed", 0))

@@ -57,15 +57,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(value: object, src: int = 0) -> object:
-    """Rank ``src``'s value on every rank (identity in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
 def all_reduce_mean(value: float, device: torch.device) -> float:
     """Mean of a float over all ranks (identity in a single process)."""
     if not (dist.is_available() and dist.is_initialized()):
