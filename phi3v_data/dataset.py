@@ -266,12 +266,17 @@ def iter_dataset(data_dir: Path) -> Iterator[tuple[str, int, Record]]:
             yield split, number, record
 
 
-def read_split(data_dir: Path, split: str) -> list[Record]:
-    """Every record of one split of a dataset directory (schema-checked)."""
-    data_dir = Path(data_dir)
-    info = load_info(data_dir)
-    splits = find_splits(data_dir)
+def split_path(data_dir: Path, split: str) -> Path:
+    """The jsonl file of one split; :class:`DatasetError` naming the splits found otherwise."""
+    splits = find_splits(Path(data_dir))
     if split not in splits:
         known = ", ".join(sorted(splits)) or "none"
-        raise DatasetError(data_dir, 0, "(split)", f"no split {split!r} (found: {known})")
-    return [record for _, record in iter_records(splits[split], info=info, split=split)]
+        raise DatasetError(Path(data_dir), 0, "(split)", f"no split {split!r} (found: {known})")
+    return splits[split]
+
+
+def read_split(data_dir: Path, split: str) -> list[Record]:
+    """Every record of one split of a dataset directory (schema-checked)."""
+    path = split_path(data_dir, split)
+    info = load_info(Path(data_dir))
+    return [record for _, record in iter_records(path, info=info, split=split)]

@@ -29,10 +29,10 @@ from phi3v_data.atomic import write_atomic
 from phi3v_data.dataset import (
     INFO_FILENAME,
     DatasetError,
-    find_splits,
     images_root,
     iter_records,
     load_info,
+    split_path,
 )
 from phi3v_data.schema import DatasetInfo, Record
 from phi3v_train import metrics as metric_fns
@@ -118,11 +118,11 @@ def evaluate_split(
     names = metric_fns.resolve_metric_names(metrics or info.metrics)
     if split in info.unlabeled_splits:
         names = []
-    split_path = _split_path(data_dir, split)
-    numbered = list(iter_records(split_path, info=info, split=split))
+    jsonl_path = split_path(data_dir, split)
+    numbered = list(iter_records(jsonl_path, info=info, split=split))
     if max_samples is not None:
         numbered = numbered[:max_samples]
-    _check_metric_inputs(names, numbered, info, data_dir, split_path)
+    _check_metric_inputs(names, numbered, info, data_dir, jsonl_path)
     records = [record for _, record in numbered]
 
     tokenizer = processor.tokenizer
@@ -256,7 +256,7 @@ def _check_metric_inputs(
     numbered: Sequence[tuple[int, Record]],
     info: DatasetInfo,
     data_dir: Path,
-    split_path: Path,
+    jsonl_path: Path,
 ) -> None:
     """Fail early, naming file, line and field, when the data cannot give a requested metric."""
     if "auroc" not in names:
@@ -267,15 +267,7 @@ def _check_metric_inputs(
         )
     for line, record in numbered:
         if record.label is None:
-            raise DatasetError(split_path, line, "label", "auroc needs a label on every record")
-
-
-def _split_path(data_dir: Path, split: str) -> Path:
-    splits = find_splits(data_dir)
-    if split not in splits:
-        known = ", ".join(sorted(splits)) or "none"
-        raise DatasetError(data_dir, 0, "(split)", f"no split {split!r} (found: {known})")
-    return splits[split]
+            raise DatasetError(jsonl_path, line, "label", "auroc needs a label on every record")
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -418,7 +410,7 @@ def eval_command(
             raise click.BadParameter(str(error), param_hint="--metrics") from None
     try:
         load_info(data_dir)
-        _split_path(data_dir, split)
+        split_path(data_dir, split)
     except DatasetError as error:
         raise click.ClickException(str(error)) from None
     if adapter is not None and adapter_problem(adapter):
