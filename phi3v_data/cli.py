@@ -10,6 +10,8 @@ import importlib
 
 import click
 
+from phi3v_data.safe_io import UnsafePath, describe_os_error
+
 #: subcommand name -> "module:attribute" of its click command
 SUBCOMMANDS = {
     "validate": "phi3v_data.validate:validate_command",
@@ -33,6 +35,19 @@ class LazyGroup(click.Group):
             module_name, attribute = self.lazy_subcommands[name].split(":")
             return getattr(importlib.import_module(module_name), attribute)
         return super().get_command(ctx, name)
+
+    def invoke(self, ctx: click.Context):
+        """The last net under every subcommand: an OS error or an unsafe path that no command
+        reported itself becomes one line and exit 1, Ctrl-C exit 130, never a traceback."""
+        try:
+            return super().invoke(ctx)
+        except OSError as error:
+            raise click.ClickException(describe_os_error(error)) from None
+        except UnsafePath as error:
+            raise click.ClickException(str(error)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
 
 
 @click.group(
