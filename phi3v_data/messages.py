@@ -108,8 +108,9 @@ def _message(error: dict[str, Any]) -> str:
         return "must not be empty"
     if kind == "too_short":
         return f"must hold at least {ctx.get('min_length', 1)} item(s), got {len(value or [])}"
-    if kind in {"string_type", "list_type", "dict_type", "int_type", "model_type"}:
+    if kind in {"string_type", "list_type", "dict_type", "int_type", "model_type", "bool_type"}:
         wanted = {
+            "bool_type": "true or false",
             "string_type": "a string",
             "list_type": "an array",
             "dict_type": "an object",

@@ -21,9 +21,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -51,6 +54,9 @@ DEFAULT_MAX_IMAGES_PER_RECORD = 64
 CTX_MAX_IMAGES = "max_images_per_record"
 CTX_UNLABELED = "unlabeled"
 
+#: The placeholder that marks where an image goes in a turn's ``user`` text when ``inline_images``.
+IMAGE_PLACEHOLDER = "<image>"
+
 
 class Turn(BaseModel):
     """One user message (with its images) and the assistant's answer."""
@@ -61,8 +67,16 @@ class Turn(BaseModel):
         default_factory=list,
         description="Images shown with this user message, in order; empty for a text-only turn.",
     )
+    inline_images: bool = Field(
+        default=False,
+        strict=True,
+        description="When true, the user text holds exactly one '<image>' placeholder per image, "
+        "and the k-th placeholder becomes the k-th image's <|image_k|> tag. When false or absent, "
+        "all image tags go first, before a newline and the text ('<image>' is then literal text).",
+    )
     user: Annotated[str, StringConstraints(min_length=1)] = Field(
-        description="The user's text, without image tags (the trainer adds <|image_k|> tags)."
+        description="The user's text, without <|image_k|> tags (the trainer adds them): images go "
+        "first, or at the '<image>' placeholders when inline_images is true."
     )
     assistant: str = Field(
         description="The answer the model must learn. Empty only in a split declared unlabeled "
@@ -71,10 +85,27 @@ class Turn(BaseModel):
 
     @field_validator("user")
     @classmethod
-    def _user_not_blank(cls, value: str) -> str:
+    def _user_not_blank(cls, value: str, info: ValidationInfo) -> str:
         if not value.strip():
             raise ValueError("must not be blank")
+        if info.data.get("inline_images") and "images" in info.data:
+            found, wanted = value.count(IMAGE_PLACEHOLDER), len(info.data["images"])
+            if found != wanted:
+                raise ValueError(
+                    f"has {found} {IMAGE_PLACEHOLDER} placeholder(s) but the turn has {wanted} "
+                    "image(s); with inline_images each image needs exactly one placeholder"
+                )
         return value
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        """Leave ``inline_images`` out while false, so that older records stay byte-identical."""
+        data = handler(self)
+        if not self.inline_images:
+            data.pop("inline_images", None)
+        return data
 
     @field_validator("assistant")
     @classmethod
@@ -95,6 +126,12 @@ class Record(BaseModel):
 
     id: NonEmptyStr = Field(description="Unique within the dataset, across all splits.")
     source: NonEmptyStr = Field(description="Where the record comes from, e.g. 'ucf101'.")
+    system: str | None = Field(
+        default=None,
+        description="Optional system prompt. Training and evaluation put it before the first "
+        "turn as the official chat template does: '<|system|>\\n{system}<|end|>\\n'. Absent: "
+        "no system message (the recipe's layout).",
+    )
     conversations: list[Turn] = Field(min_length=1, description="The turns, in order.")
     answers: list[str] | None = Field(
         default=None,
@@ -113,6 +150,13 @@ class Record(BaseModel):
     meta: dict[str, Any] | None = Field(
         default=None, description="Free-form data kept with the record; ignored by every tool."
     )
+
+    @field_validator("system")
+    @classmethod
+    def _system_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank (leave the key out for no system prompt)")
+        return value
 
     @model_validator(mode="after")
     def _image_count(self, info: ValidationInfo) -> Record:

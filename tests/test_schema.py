@@ -102,3 +102,70 @@ def test_drift_check_passes_on_the_repo_and_fails_on_a_changed_copy(tmp_path: Pa
     assert run_schema_command("--check", copy).returncode == 0
     assert record_schema.read_text() == (REPO / "schemas" / "record.schema.json").read_text()
     assert run_schema_command("--bogus").returncode == 2
+
+
+INLINE_TURN = {
+    "images": ["a.jpg", "b.jpg"],
+    "inline_images": True,
+    "user": "Compare <image> with <image>.",
+    "assistant": "same",
+}
+
+
+def test_system_prompt_and_inline_images_are_optional_and_round_trip() -> None:
+    record = Record.model_validate({**GOOD, "system": "Be brief.", "conversations": [INLINE_TURN]})
+    assert record.system == "Be brief." and record.conversations[0].inline_images
+    dumped = record.model_dump(mode="json", exclude_none=True)
+    assert dumped["system"] == "Be brief." and dumped["conversations"][0]["inline_images"] is True
+    assert Record.model_validate(dumped) == record
+    # Defaults never appear: a record without the new fields serialises exactly as it was read.
+    plain = Record.model_validate(GOOD)
+    assert plain.system is None and not plain.conversations[0].inline_images
+    assert plain.model_dump(mode="json", exclude_none=True) == GOOD
+    assert json.loads(plain.model_dump_json(exclude_none=True)) == GOOD
+    # Without inline_images, '<image>' is literal text and needs no image.
+    literal = {"images": [], "user": "What does <image> mean in HTML?", "assistant": "nothing"}
+    Record.model_validate({**GOOD, "conversations": [literal]})
+
+
+@pytest.mark.parametrize(
+    ("turn", "words"),
+    [
+        ({**INLINE_TURN, "user": "Compare <image> with it."}, "has 1 <image> placeholder(s)"),
+        ({**INLINE_TURN, "images": ["a.jpg"]}, "has 2 <image> placeholder(s) but the turn has 1"),
+        ({**INLINE_TURN, "inline_images": "yes"}, "true or false"),
+    ],
+)
+def test_inline_placeholder_count_must_match_the_images(turn: dict, words: str) -> None:
+    from phi3v_data.messages import plain_errors
+
+    with pytest.raises(ValidationError) as caught:
+        Record.model_validate({**GOOD, "conversations": [turn]})
+    [(field, message)] = plain_errors(caught.value)
+    assert field.startswith("conversations.0.") and words in message
+
+
+def test_blank_system_prompt_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="must not be blank"):
+        Record.model_validate({**GOOD, "system": "  \n"})
+
+
+def test_validate_reports_a_placeholder_count_mismatch_with_file_line_field(
+    tmp_path: Path,
+) -> None:
+    from dataset_files import image_bytes, record, write_dataset
+
+    from phi3v_data.validate import validate_dataset
+
+    good = record("ok", ["a.jpg"], user="Who is <image>?")
+    bad = record("bad", ["a.jpg", "a.jpg"], user="Who is <image>?")
+    for row in (good, bad):
+        row["conversations"][0]["inline_images"] = True
+    root = write_dataset(
+        tmp_path / "d", {"train": [good, bad]}, images={"a.jpg": image_bytes("JPEG")}
+    )
+    report = validate_dataset(root, jobs=1)
+    assert [(Path(p.path).name, p.line, p.field) for p in report.problems] == [
+        ("toy_train.jsonl", 2, "conversations.0.user")
+    ], report.format_text()
+    assert "has 1 <image> placeholder(s) but the turn has 2 image(s)" in report.problems[0].message
