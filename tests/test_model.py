@@ -251,7 +251,7 @@ def test_gradient_checkpointing_non_reentrant_gives_the_same_gradients(tiny_dir:
         model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="eager")
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+            model.activation_checkpointing_enable({"use_reentrant": False})
             assert model.model.layers[0].gradient_checkpointing
             clip_layer = model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers[
                 0

@@ -88,7 +88,7 @@ def test_bf16_training_step_with_checkpointing(tiny_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         tiny_dir, dtype=torch.bfloat16, attn_implementation="sdpa"
     ).cuda()
-    model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
     batch = processor(PROMPT.format(question="Total?"), images=[picture(1654, 2339, 2)]).to("cuda")
     labels = batch["input_ids"].masked_fill(batch["input_ids"] < 0, -100)
