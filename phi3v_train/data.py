@@ -8,6 +8,11 @@ labels are -100 on every prompt position and the answer ids on the answer. ``con
 ``<|image_1|>...<|image_k|>\\n{user}`` for a turn with k images (tags without separators) and the
 bare user text for a text-only turn. Images of all turns are concatenated in order.
 
+A turn with ``inline_images`` puts the k-th image's ``<|image_k|>`` tag where the k-th ``<image>``
+placeholder stands in its user text, and nothing else (no tags first, no added newline). A record's
+``system`` prompt becomes a system message of the **first** turn's chat, rendered by the official
+chat template: ``<|system|>\\n{system}<|end|>\\n<|user|>\\n...``; later turns have none.
+
 Generation prompt: the earlier turns exactly as in training (prompt + answer) and the last turn's
 prompt, so that evaluation sees the same token layout the model was trained on.
 
@@ -27,7 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from phi3v_data.schema import Record, Turn
+from phi3v_data.schema import IMAGE_PLACEHOLDER, Record, Turn
 
 IGNORE_INDEX = -100
 ANSWER_SUFFIX = "<|end|>\n<|endoftext|>"
@@ -39,8 +44,21 @@ def image_tags(count: int) -> str:
 
 
 def turn_content(turn: Turn) -> str:
-    """The user message of one turn: image tags, a newline and the text (no tags when no image)."""
+    """The user message of one turn: image tags, a newline and the text (no tags when no image).
+
+    With ``inline_images``, each ``<image>`` placeholder becomes the next ``<|image_k|>`` tag.
+    """
+    if turn.inline_images:
+        pieces = turn.user.split(IMAGE_PLACEHOLDER)
+        tags = [f"<|image_{k}|>" for k in range(1, len(pieces))]
+        return "".join(piece + tag for piece, tag in zip(pieces, [*tags, ""], strict=True))
     return f"{image_tags(len(turn.images))}\n{turn.user}" if turn.images else turn.user
+
+
+def turn_chat(turn: Turn, system: str | None = None) -> list[dict[str, str]]:
+    """The chat messages of one turn's prompt: the system prompt (when given), then the user."""
+    chat = [{"role": "system", "content": system}] if system is not None else []
+    return [*chat, {"role": "user", "content": turn_content(turn)}]
 
 
 def load_image(path: Path) -> Image.Image:
@@ -51,12 +69,11 @@ def load_image(path: Path) -> Image.Image:
 
 
 def _turn_prompt(
-    turn: Turn, processor: Any, images_root: Path
+    turn: Turn, processor: Any, images_root: Path, system: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Prompt ids (1-D, image runs negative), pixel_values and image_sizes of one turn."""
-    chat = [{"role": "user", "content": turn_content(turn)}]
     prompt = processor.tokenizer.apply_chat_template(
-        chat, tokenize=False, add_generation_prompt=True
+        turn_chat(turn, system), tokenize=False, add_generation_prompt=True
     )
     images = [load_image(images_root / path) for path in turn.images]
     inputs = processor(prompt, images=images or None, return_tensors="pt")
@@ -82,8 +99,9 @@ def _join_images(
 def encode_for_training(record: Record, processor: Any, images_root: Path) -> dict[str, Any]:
     """``input_ids``, ``labels`` (1-D), ``pixel_values`` / ``image_sizes`` (None when text-only)."""
     ids, labels, pixels, sizes = [], [], [], []
-    for turn in record.conversations:
-        prompt_ids, pixel_values, image_sizes = _turn_prompt(turn, processor, images_root)
+    for index, turn in enumerate(record.conversations):
+        system = record.system if index == 0 else None
+        prompt_ids, pixel_values, image_sizes = _turn_prompt(turn, processor, images_root, system)
         answer_ids = _answer_ids(turn, processor.tokenizer)
         ids += [prompt_ids, answer_ids]
         labels += [torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids]
@@ -98,7 +116,8 @@ def encode_for_generation(record: Record, processor: Any, images_root: Path) -> 
     ids, pixels, sizes = [], [], []
     turns = record.conversations
     for index, turn in enumerate(turns):
-        prompt_ids, pixel_values, image_sizes = _turn_prompt(turn, processor, images_root)
+        system = record.system if index == 0 else None
+        prompt_ids, pixel_values, image_sizes = _turn_prompt(turn, processor, images_root, system)
         ids.append(prompt_ids)
         if index < len(turns) - 1:
             ids.append(_answer_ids(turn, processor.tokenizer))
