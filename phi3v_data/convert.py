@@ -62,12 +62,12 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import json
-import multiprocessing
 import pkgutil
 import shutil
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -76,11 +76,19 @@ import click
 import orjson
 from pydantic import ValidationError
 
-from phi3v_data.atomic import atomic_open, write_atomic
+from phi3v_data.atomic import LockHeld, atomic_open, exclusive_lock, write_atomic
 from phi3v_data.dataset import IMAGES_DIRNAME, INFO_FILENAME, record_context
 from phi3v_data.messages import plain_errors
+from phi3v_data.safe_io import (
+    UnsafePath,
+    describe_os_error,
+    is_environment_error,
+    join_inside,
+    open_regular,
+    read_regular_text,
+)
 from phi3v_data.schema import DatasetInfo, Record
-from phi3v_data.workers import start_method
+from phi3v_data.workers import worker_pool
 
 ENTRY_POINT_GROUP = "phi3v.converters"
 BUILTIN_PACKAGE = "phi3v_data.builtin_converters"
@@ -89,6 +97,8 @@ MANIFEST_FILENAME = "manifest.json"
 JOURNAL_FILENAME = "journal.jsonl"
 PARTIAL_DIRNAME = "partial"
 REPORT_FILENAME = "convert_report.json"
+#: Exclusive lock of OUT held by a running convert (removed when it ends; never part of a dataset)
+LOCK_FILENAME = ".convert.lock"
 #: JPEG quality of every frame or image a converter re-encodes (fixed: part of the output bytes).
 JPEG_QUALITY = 95
 #: Runner options; a converter must not declare options with these names.
@@ -169,15 +179,20 @@ class Converter(ABC):
 
 
 class ImageWriter:
-    """Writes files under ``OUT/images/`` atomically (temporary file, then rename)."""
+    """Writes files under ``OUT/images/`` atomically (temporary file, then rename).
+
+    Every path goes through :func:`~phi3v_data.safe_io.join_inside` before a byte is written: a
+    name built from data that would leave ``images/`` (``..``, absolute, backslashes, a symlinked
+    folder leading out) raises :class:`~phi3v_data.safe_io.UnsafePath`, which skips the item.
+    """
 
     def __init__(self, images_dir: Path, partial_dir: Path):
         self.images_dir = images_dir
         self.partial_dir = partial_dir
 
     def path(self, relative: str) -> Path:
-        """Final path of an image given relative to ``images/``."""
-        return self.images_dir / relative
+        """Final path of an image given relative to ``images/``; refuses one that leaves it."""
+        return join_inside(self.images_dir, relative, what="image path")
 
     def exists(self, relative: str) -> bool:
         return self.path(relative).is_file()
@@ -198,12 +213,13 @@ class ImageWriter:
         return self._write(relative, lambda handle: handle.write(data))
 
     def copy(self, relative: str, source: Path) -> str:
-        """Copy a source file byte for byte."""
-        with source.open("rb") as reader:
+        """Copy a source file byte for byte (a regular file only: never waits on a FIFO)."""
+        with open_regular(source) as reader:
             return self._write(relative, lambda handle: shutil.copyfileobj(reader, handle))
 
     def _write(self, relative: str, write: Any) -> str:
-        with atomic_open(self.path(relative), self.partial_dir) as handle:
+        path = self.path(relative)  # checked before anything is created
+        with atomic_open(path, self.partial_dir) as handle:
             write(handle)
         return relative
 
@@ -338,10 +354,14 @@ def _run_item(task: tuple[int, Item]) -> _Outcome:
         outcome.records = records
     except SkipItem as error:
         outcome.reason = str(error)
+    except UnsafePath as error:
+        outcome.reason = f"unsafe path: {error}"
     except ValidationError as error:
         field, message = plain_errors(error)[0]
         outcome.reason = f"invalid record: {field}: {message}"
-    except Exception as error:  # unusable input must never be fatal
+    except Exception as error:  # unusable input must never be fatal...
+        if is_environment_error(error):
+            raise  # ...but a full disk, an I/O error or a refused write is no record's fault
         outcome.reason = f"{type(error).__name__}: {error}"
     return outcome
 
@@ -372,16 +392,21 @@ def _check_output(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> s
     manifest_path = out_dir / STATE_DIRNAME / MANIFEST_FILENAME
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a directory")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
+    contents = _contents(out_dir)
+    if not contents:
         return "fresh"
-    if list(out_dir.iterdir()) == [manifest_path.parent] and not manifest_path.exists():
+    if contents == [manifest_path.parent] and not manifest_path.exists():
         shutil.rmtree(manifest_path.parent)  # a run killed while writing its first manifest
         return "fresh"
     previous = None
     if manifest_path.is_file():
         try:
-            previous = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            previous = json.loads(read_regular_text(manifest_path))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            previous = None
+        except OSError as error:
+            if is_environment_error(error):
+                raise
             previous = None
     if isinstance(previous, dict) and previous.get("identity") == manifest["identity"]:
         return "complete" if previous.get("complete") else "resume"
@@ -394,8 +419,15 @@ def _check_output(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> s
     )
 
 
+def _contents(out_dir: Path) -> list[Path]:
+    """What OUT holds, the lock file of the running convert aside (sorted; [] when missing)."""
+    if not out_dir.exists():
+        return []
+    return sorted(child for child in out_dir.iterdir() if child.name != LOCK_FILENAME)
+
+
 def _empty(folder: Path) -> None:
-    for child in sorted(folder.iterdir()):
+    for child in _contents(folder):
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
@@ -426,16 +458,45 @@ def run_conversion(
 ) -> dict[str, Any]:
     """Convert SRC into OUT with the common behaviour; returns the report (also written to OUT).
 
-    Raises :class:`SourceError` (bad SRC) or :class:`OutputError` (OUT not usable).
+    Raises :class:`SourceError` (bad SRC), :class:`OutputError` (OUT not usable, or locked by
+    another run) or ``OSError`` (the machine's fault: full disk, read-only OUT, I/O error, ...;
+    never recorded as an item's fault, so a rerun after the fix converts every item).
     """
-    converter = converter_cls()
     options = _json_ready(dict(options))
-    identity = {"converter": converter_cls.name, "options": options, "src": str(src.resolve())}
-    manifest = {"identity": identity, "complete": False}
     if not src.exists():
         raise SourceError(src, "does not exist")
     if src.resolve().is_relative_to(out_dir.resolve()):
         raise OutputError(f"{out_dir}: holds SRC {src}; choose an --out_dir outside it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a directory")
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(out_dir / LOCK_FILENAME):
+            return _convert_locked(converter_cls, src, out_dir, options, workers, overwrite)
+    except LockHeld as error:
+        raise OutputError(
+            f"{out_dir}: another convert is writing into it ({error.filename} is locked); "
+            "wait for it to finish or choose another --out_dir"
+        ) from None
+    finally:
+        with suppress(OSError):  # nothing converted: leave no empty OUT behind
+            if created and not _contents(out_dir):
+                shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _convert_locked(
+    converter_cls: type[Converter],
+    src: Path,
+    out_dir: Path,
+    options: dict[str, Any],
+    workers: int,
+    overwrite: bool,
+) -> dict[str, Any]:
+    """:func:`run_conversion` once OUT is locked."""
+    converter = converter_cls()
+    identity = {"converter": converter_cls.name, "options": options, "src": str(src.resolve())}
+    manifest = {"identity": identity, "complete": False}
     state = _check_output(out_dir, manifest, overwrite)
     state_dir = out_dir / STATE_DIRNAME
     journal_path = state_dir / JOURNAL_FILENAME
@@ -443,7 +504,7 @@ def run_conversion(
     if state == "complete":  # killed after the manifest said so, perhaps before the clean-up
         journal_path.unlink(missing_ok=True)
         shutil.rmtree(partial_dir, ignore_errors=True)
-        return json.loads((out_dir / REPORT_FILENAME).read_text(encoding="utf-8"))
+        return json.loads(read_regular_text(out_dir / REPORT_FILENAME))
 
     plan = converter.plan(src, options)
     keys = [item.key for item in plan.items]
@@ -472,8 +533,9 @@ def run_conversion(
     with (
         journal_path.open("ab") as journal,
         _progress(len(plan.items), len(done), converter_cls.name) as bar,
+        closing(_execute(converter_cls, images, info, todo, workers)) as outcomes,
     ):
-        for outcome in _execute(converter_cls, images, info, todo, workers):
+        for outcome in outcomes:
             journal.write(outcome.to_line())
             journal.flush()
             done[outcome.index] = outcome
@@ -500,8 +562,9 @@ def _execute(
         yield from map(_run_item, todo)
         return
     chunksize = max(1, min(16, len(todo) // (workers * 8)))
-    context = multiprocessing.get_context(start_method())  # fork, unless torch is loaded
-    with context.Pool(workers, _init_worker, (converter_cls, images, info)) as pool:
+    # workers ignore Ctrl-C; any exception here (Ctrl-C, an environment error re-raised from a
+    # worker) or closing this generator early terminates and joins them before it propagates
+    with worker_pool(workers, _init_worker, (converter_cls, images, info)) as pool:
         yield from pool.imap_unordered(_run_item, todo, chunksize=chunksize)
 
 
@@ -532,7 +595,8 @@ def _assemble(
         by_split.setdefault(split, [])
     for split, lines in sorted(by_split.items()):
         if lines:
-            write_atomic(out_dir / f"{name}_{split}.jsonl", b"".join(lines), temp_dir)
+            path = join_inside(out_dir, f"{name}_{split}.jsonl", what="split file")
+            write_atomic(path, b"".join(lines), temp_dir)
     write_atomic(
         out_dir / INFO_FILENAME,
         _dump_json(info.model_dump(mode="json", exclude_none=True)),
@@ -578,8 +642,13 @@ def _converter_command(entry: ConverterEntry) -> click.Command:
         except (SourceError, OutputError) as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
-        except OSError as error:  # unreadable SRC file, full disk, ...
-            click.echo(f"error: {error.filename or out_dir}: {error.strerror}", err=True)
+        except OSError as error:  # unreadable SRC file, full disk, read-only OUT, ...
+            where = "" if error.filename is not None else f"{out_dir}: "
+            click.echo(
+                f"error: {where}{describe_os_error(error)} "
+                "(finished items are kept: run the same command again once fixed)",
+                err=True,
+            )
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume", err=True)
