@@ -8,12 +8,19 @@ the most files, preferring splits that start with a usual split word (``hm_dev_s
 
 Reading rules shared by the trainer and ``phi3v-data validate`` (one definition of "valid"):
 a UTF-8 byte order mark, an empty line and a line over :data:`MAX_LINE_BYTES` are defects;
-``\\r\\n`` line ends are accepted (JSON whitespace). :func:`iter_records` checks the schema only;
-image files are checked by :mod:`phi3v_data.validate`.
+``\\r\\n`` line ends are accepted (JSON whitespace); a key that repeats inside one JSON object is a
+defect (:func:`duplicate_keys`: parsers silently keep the last value). :func:`iter_records` checks
+the schema only; image files are checked by :mod:`phi3v_data.images`.
+
+Every dataset file (``dataset.json``, the jsonl files) is opened with
+:func:`phi3v_data.safe_io.open_regular`: a FIFO, device or folder where a file belongs is a defect
+reported at once, never waited on.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +29,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from phi3v_data.messages import one_line, plain_errors
+from phi3v_data.safe_io import NotRegularFile, open_regular
 from phi3v_data.schema import CTX_MAX_IMAGES, CTX_UNLABELED, DatasetInfo, Record
 
 IMAGES_DIRNAME = "images"
@@ -35,6 +43,9 @@ READ_BLOCK_BYTES = 2**20
 _SPLIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _USUAL_SPLIT = re.compile(r"^(train|val|valid|validation|dev|test|eval)", re.IGNORECASE)
 _JSON_LINE = re.compile(r"at line (\d+) column")
+#: The end of a JSON object key: a quote, optional blanks, a colon (also matches an escaped quote
+#: before a colon inside a string, so counting it gives an upper bound of the keys of a line).
+_KEY_END = re.compile(rb'"[ \t\r]*:')
 
 
 class DatasetError(Exception):
@@ -80,7 +91,9 @@ def _dataset_name(data_dir: Path, stems: list[str], info: DatasetInfo) -> str | 
 def scan_splits(data_dir: Path, info: DatasetInfo | None = None) -> SplitFiles:
     """Sort the ``*.jsonl`` files of ``data_dir`` into splits; misnamed files are listed apart."""
     info = info if info is not None else load_info(data_dir)
-    files = sorted(path for path in data_dir.glob("*.jsonl") if path.is_file())
+    # every entry, not only regular files: a FIFO or folder named like a split is reported when
+    # read (open_regular), never skipped silently nor waited on
+    files = sorted(data_dir.glob("*.jsonl"))
     name = _dataset_name(data_dir, [path.stem for path in files], info)
     found = SplitFiles(name=name)
     for path in files:
@@ -120,9 +133,13 @@ def images_root(data_dir: Path) -> Path:
 def read_info(data_dir: Path) -> tuple[DatasetInfo, list[DatasetError]]:
     """``dataset.json`` (defaults when absent) and its defects (defaults are returned with them)."""
     path = Path(data_dir) / INFO_FILENAME
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return DatasetInfo(), []
-    raw = path.read_bytes()
+    try:
+        with open_regular(path) as handle:
+            raw = handle.read()
+    except (NotRegularFile, FileNotFoundError) as error:  # a folder, FIFO or dangling link
+        return DatasetInfo(), [DatasetError(path, 0, "(file)", error.strerror or str(error))]
     try:
         return DatasetInfo.model_validate_json(raw), []
     except ValidationError as exc:
@@ -173,7 +190,7 @@ def read_lines(
     max_line_bytes = max_line_bytes or MAX_LINE_BYTES
     too_long = ("(line)", f"line longer than {max_line_bytes} bytes; skipped")
     number, pending, skipping = 0, b"", False
-    with Path(path).open("rb") as stream:
+    with open_regular(path) as stream:
         stream.seek(start)
         left = stop - start if stop is not None else float("inf")
         done = False
@@ -215,9 +232,9 @@ def read_lines(
 
 def line_chunks(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
     """``(start, stop)`` byte ranges of about ``chunk_bytes`` that cover a file, cut after a newline."""
-    size = Path(path).stat().st_size
     bounds = [0]
-    with Path(path).open("rb") as stream:
+    with open_regular(path) as stream:
+        size = os.fstat(stream.fileno()).st_size
         while bounds[-1] + chunk_bytes < size:
             stream.seek(bounds[-1] + chunk_bytes)
             cut = size
@@ -246,14 +263,66 @@ def iter_records(
     info = info if info is not None else load_info(path.parent)
     split = split if split is not None else split_of(path, info)
     context = record_context(info, split)
-    for number, data, problem in read_lines(path):
-        if problem is not None:
-            raise DatasetError(path, number, *problem)
-        try:
-            record = Record.model_validate_json(data, context=context)
-        except ValidationError as exc:
-            raise DatasetError(path, number, *plain_errors(exc)[0]) from None
-        yield number, record
+    try:
+        lines = read_lines(path)
+        for number, data, problem in lines:
+            if problem is not None:
+                raise DatasetError(path, number, *problem)
+            try:
+                record = Record.model_validate_json(data, context=context)
+            except ValidationError as exc:
+                raise DatasetError(path, number, *plain_errors(exc)[0]) from None
+            repeated = duplicate_keys(data, record)
+            if repeated:
+                raise DatasetError(path, number, *repeated[0])
+            yield number, record
+    except NotRegularFile as error:
+        raise DatasetError(path, 0, "(file)", error.strerror or str(error)) from None
+
+
+class _Pairs(list):
+    """A JSON object as the list of its ``(key, value)`` pairs, repeats kept."""
+
+
+def _count_keys(value: object) -> int:
+    if isinstance(value, dict):
+        return len(value) + sum(_count_keys(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(_count_keys(item) for item in value)
+    return 0
+
+
+def _repeated_keys(value: object, where: str) -> Iterator[tuple[str, str]]:
+    if isinstance(value, _Pairs):
+        seen: set[str] = set()
+        for key, item in value:
+            field_name = f"{where}.{key}" if where else key
+            if key in seen:
+                message = f"duplicate key {key!r}: JSON keeps only the last value; remove the other"
+                yield one_line(field_name), message
+            seen.add(key)
+            yield from _repeated_keys(item, field_name)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _repeated_keys(item, f"{where}.{index}" if where else str(index))
+
+
+def duplicate_keys(data: bytes, record: Record) -> list[tuple[str, str]]:
+    """``(field, message)`` for every key that repeats inside one object of a record's line.
+
+    JSON parsers (orjson, pydantic) keep the last of two equal keys without a word. Fast path:
+    the key ends counted in the text (an upper bound of the keys written) equal the keys of the
+    parsed ``record``, so none repeats; only otherwise is the line parsed again, every pair kept.
+    """
+    written = len(_KEY_END.findall(data))
+    parsed = len(record.__pydantic_fields_set__)
+    for turn in record.conversations:
+        parsed += len(turn.__pydantic_fields_set__)
+    if record.meta:
+        parsed += _count_keys(record.meta)
+    if written <= parsed:
+        return []
+    return list(_repeated_keys(json.loads(data, object_pairs_hook=_Pairs), ""))
 
 
 def iter_dataset(data_dir: Path) -> Iterator[tuple[str, int, Record]]:
@@ -275,8 +344,18 @@ def split_path(data_dir: Path, split: str) -> Path:
     return splits[split]
 
 
-def read_split(data_dir: Path, split: str) -> list[Record]:
-    """Every record of one split of a dataset directory (schema-checked)."""
+class SplitRecords(list):
+    """The records of one split in file order, with the file (``path``) and the line each came
+    from (``lines``), so that a later failure (an image at training time) can name them."""
+
+    def __init__(self, path: Path, numbered: list[tuple[int, Record]]) -> None:
+        super().__init__(record for _, record in numbered)
+        self.path = Path(path)
+        self.lines = [number for number, _ in numbered]
+
+
+def read_split(data_dir: Path, split: str) -> SplitRecords:
+    """Every record of one split of a dataset directory (schema-checked), with its lines."""
     path = split_path(data_dir, split)
     info = load_info(Path(data_dir))
-    return [record for _, record in iter_records(path, info=info, split=split)]
+    return SplitRecords(path, list(iter_records(path, info=info, split=split)))

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from phi3v_data.dataset import read_lines
+from phi3v_data.dataset import duplicate_keys, read_lines
 from phi3v_data.messages import plain_errors
 from phi3v_data.schema import Record
 
@@ -98,6 +98,8 @@ def scan_chunk(
             for field_name, message in plain_errors(exc):
                 scan.add(number, field_name, message, max_problems)
             continue
+        for field_name, message in duplicate_keys(data, record):
+            scan.add(number, field_name, message, max_problems)
         record_lines.append(number)
         id_digests += blake2b(record.id.encode(), digest_size=8).digest()
         conversation = record.conversations

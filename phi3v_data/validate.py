@@ -7,6 +7,10 @@ between a train split and another split (same id, or same image list), empty spl
 files, ``dataset.json`` and a missing ``images/`` folder. Each problem is one line
 ``path:line: field: message`` (line 0: the file or folder as a whole).
 
+Files are opened only when regular (a FIFO or folder named like a split or ``dataset.json`` is
+a problem of its own, never waited on). Ctrl-C stops the worker processes too (they ignore
+SIGINT; the parent cancels what is queued and ends them) and exits 130 with one line.
+
 Large files are cut into chunks checked by worker processes (:mod:`phi3v_data.record_scan`);
 image files are checked once per distinct path, and a bad one is reported at the first record
 that names it. Memory grows by about 20 bytes per record: ids and image lists are kept as 8-byte
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import signal
 import sys
 from array import array
 from bisect import bisect_right
@@ -43,6 +48,7 @@ from phi3v_data.dataset import (
 from phi3v_data.images import ImageChecker, check_image_path
 from phi3v_data.messages import one_line
 from phi3v_data.record_scan import ChunkScan, prune_answers, scan_chunk
+from phi3v_data.safe_io import NotRegularFile
 from phi3v_data.schema import DatasetInfo
 from phi3v_data.workers import available_cores, start_method
 
@@ -237,7 +243,9 @@ class _Validation:
         """Worker processes (created on first use), or None when running in one process."""
         if self._pool is None and self.jobs > 1:
             context = multiprocessing.get_context(start_method())
-            self._pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=context)
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.jobs, mp_context=context, initializer=_ignore_sigint
+            )
         return self._pool
 
     def close(self) -> None:
@@ -245,6 +253,24 @@ class _Validation:
             self._pool.shutdown(cancel_futures=True)
         if self._bar is not None:
             self._bar.close()
+
+    def abort(self) -> None:
+        """After Ctrl-C: drop queued work and end the workers now (a second Ctrl-C meanwhile is
+        ignored, so that no worker is left behind)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            workers = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in workers:
+                worker.kill()
+            for worker in workers:
+                worker.join(timeout=10)
+            pool.shutdown(wait=True)
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def add(self, path: str, line: int, field_name: str, message: str) -> None:
         """Record one problem, or count it as suppressed once the file's budget is spent."""
@@ -261,7 +287,11 @@ class _Validation:
         split_summary = SplitSummary(split=split, path=name)
         summary.splits.append(split_summary)
         context = record_context(self.info, split, self.max_images)
-        chunks = line_chunks(path, CHUNK_BYTES)
+        try:
+            chunks = line_chunks(path, CHUNK_BYTES)
+        except NotRegularFile as error:
+            self.add(name, 0, "(file)", error.strerror or str(error))
+            return
         starts, stops = [start for start, _ in chunks], [stop for _, stop in chunks]
         arguments = (repeat(path), starts, stops, repeat(context), repeat(self.max_problems))
         pool = self.pool() if len(chunks) > 1 else None
@@ -378,6 +408,11 @@ class _Validation:
             self.add(path, line, "images", message)
 
 
+def _ignore_sigint() -> None:
+    """Worker start: Ctrl-C reaches the whole process group; only the parent acts on it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _is_train(split: str | None) -> bool:
     return bool(split and split.lower().startswith("train"))
 
@@ -465,6 +500,9 @@ def validate_dataset(
             run.check_shared_images()
         run.check_duplicate_ids()
         run.check_images()
+    except KeyboardInterrupt:
+        run.abort()
+        raise
     finally:
         run.close()
     run.sort_problems()
@@ -496,7 +534,12 @@ def _check_unlabeled_splits(
 
 @click.command("validate")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-@click.option("--deep", is_flag=True, help="Decode every image fully (default: header checks).")
+@click.option(
+    "--deep",
+    is_flag=True,
+    help="Decode JPEG images fully too (default: JPEG header and end marker; every other "
+    "format is always decoded).",
+)
 @click.option(
     "--format",
     "output_format",
@@ -523,6 +566,8 @@ def _check_unlabeled_splits(
 @click.option("--no-image-check", is_flag=True, help="Check image paths but not image contents.")
 @click.option(
     "--jobs",
+    "--workers",
+    "jobs",
     type=click.IntRange(min=1),
     default=None,
     help="Worker processes for large datasets (default: one per available core).",

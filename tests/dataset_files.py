@@ -42,21 +42,36 @@ def animated_bytes(fmt: str = "GIF", frames: int = 3) -> bytes:
     return stream.getvalue()
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` but holds one tiny valid IDAT."""
+def _png(width: int, height: int, idat: bytes, bit_depth: int = 1, color: int = 0) -> bytes:
+    """A PNG of one IDAT chunk holding ``idat``, every chunk with a correct CRC."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (
             struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
         )
 
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
     )
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` but holds one tiny valid IDAT."""
+    return _png(width, height, zlib.compress(b"\x00" * 16))  # 1-bit greyscale
+
+
+def png_corrupt_stream(size: tuple[int, int] = (64, 48)) -> bytes:
+    """An RGB PNG whose chunks and CRCs are all valid but whose compressed pixel stream is not."""
+    rows = b"".join(b"\x00" + bytes(range(256)) * (3 * size[0] // 256 + 1) for _ in range(size[1]))
+    stream = bytearray(zlib.compress(rows))
+    stream[len(stream) // 3 : len(stream) // 3 + 24] = b"\xff" * 24
+    return _png(*size, bytes(stream), bit_depth=8, color=2)
+
+
+def truncated(data: bytes, keep: float = 0.6) -> bytes:
+    """The first ``keep`` of a file: the header survives, the pixel data does not."""
+    return data[: int(len(data) * keep)]
 
 
 def record(

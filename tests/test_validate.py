@@ -14,8 +14,10 @@ from dataset_files import (
     animated_bytes,
     image_bytes,
     png16_bytes,
+    png_corrupt_stream,
     png_header_only,
     record,
+    truncated,
     write_dataset,
     write_jsonl,
 )
@@ -212,14 +214,26 @@ def test_image_files_rules(tmp_path: Path) -> None:
         assert report.summary.image_modes["CMYK"] == 1 and report.summary.image_modes["LA"] == 1
 
 
-def test_deep_check_decodes_what_the_header_check_cannot_see(tmp_path: Path) -> None:
-    gif = animated_bytes("GIF", frames=1)
-    cut_gif = gif[: len(gif) - 30]
-    dataset = write_dataset(
-        tmp_path / "d", {"train": [record("a", ["cut.gif"])]}, images={"cut.gif": cut_gif}
-    )
-    assert run_validate(dataset).ok
-    assert "cannot be decoded" in only_problem(run_validate(dataset, deep=True))
+def test_default_check_decodes_every_format_but_jpeg(tmp_path: Path) -> None:
+    """What training would trip over is caught without --deep: a PNG with valid CRCs but a
+    corrupt compressed stream, truncated BMP / TIFF / GIF / WebP (their headers look fine)."""
+    images = {
+        "stream.png": png_corrupt_stream(),
+        "cut.bmp": truncated(image_bytes("BMP")),
+        "cut.tif": truncated(image_bytes("TIFF")),
+        "cut.gif": truncated(animated_bytes("GIF", frames=1), 0.8),
+        "cut.webp": truncated(image_bytes("WEBP")),
+        "ok.bmp": image_bytes("BMP"),
+        "ok.tif": image_bytes("TIFF"),
+        "ok.gif": image_bytes("GIF"),
+    }
+    rows = [record(f"r{index}", [name]) for index, name in enumerate(images)]
+    dataset = write_dataset(tmp_path / "d", {"train": rows}, images=images)
+    for deep in (False, True):
+        report = run_validate(dataset, deep=deep)
+        for line in range(1, 6):
+            assert found(report, "toy_train.jsonl", line, "conversations.0.images.0", "decoded")
+        assert len(report.problems) == 5, report.format_text()
 
 
 def test_bad_image_reported_once_at_first_reference(tmp_path: Path) -> None:
