@@ -19,6 +19,13 @@ from typing import Any, ClassVar
 import click
 
 from phi3v_data.convert import Converter, ImageWriter, Item, Plan, SkipItem, Skipped, SourceError
+from phi3v_data.safe_io import (
+    UnsafePath,
+    is_environment_error,
+    is_regular_file,
+    join_inside,
+    read_regular_bytes,
+)
 
 from ._image_files import UnusableImage, export_image
 from ._raw_tables import RawRow, iter_json_lines
@@ -32,14 +39,25 @@ class ImageFile:
 
     def read(self) -> bytes:
         try:
-            return Path(self.path).read_bytes()
+            return read_regular_bytes(self.path)  # a FIFO put there since planning is not waited on
         except FileNotFoundError:
             raise UnusableImage(f"missing image {self.path}") from None
         except OSError as error:
+            if is_environment_error(error):
+                raise  # unreadable disk or permissions: the run stops, the record is not blamed
             raise UnusableImage(f"cannot read {self.path}: {error.strerror or error}") from None
 
     def describe(self) -> str:
         return self.path
+
+
+def source_file(root: Path, relative: str, *, what: str = "image") -> Path | None:
+    """``root/relative`` when it is a regular file; None when there is none (or a FIFO, device,
+    folder). ``relative`` comes from the data: one that leaves ``root`` (``..``, absolute, a
+    symlink leading out) raises :class:`~phi3v_data.safe_io.UnsafePath`, so the row is rejected
+    with that reason and nothing outside SRC is ever read."""
+    path = join_inside(root, relative, what=what)
+    return path if is_regular_file(path) else None
 
 
 @dataclass(frozen=True)
@@ -277,7 +295,10 @@ class LabeledRowsConverter(ImageRecordsConverter):
                     reason = "label: missing, in a labelled split"
                 else:
                     context = RowContext(split, label, words, finder, groups)
-                    reason = self.plan_row(row, context)
+                    try:
+                        reason = self.plan_row(row, context)
+                    except UnsafePath as error:
+                        reason = f"unsafe path: {error}"
                 if reason is not None:
                     skipped.append(Skipped(split, row.where, reason))
         return Plan(

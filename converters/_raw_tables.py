@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from phi3v_data.convert import SourceError
+from phi3v_data.safe_io import read_regular_bytes
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class RawRow:
 
 def _read_bytes(path: Path) -> bytes:
     try:
-        return path.read_bytes()
+        return read_regular_bytes(path)  # a FIFO or device is refused, never waited on
     except OSError as error:
         raise SourceError(path, f"cannot read: {error.strerror or error}") from None
 

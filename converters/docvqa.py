@@ -33,6 +33,7 @@ from typing import Any, Literal
 import click
 
 from phi3v_data.convert import Plan, Skipped, SourceError
+from phi3v_data.safe_io import UnsafePath
 
 from ._image_files import UnusableImage
 from ._image_records import (
@@ -43,6 +44,7 @@ from ._image_records import (
     images_dir_option,
     make_record,
     path_option,
+    source_file,
 )
 from ._raw_tables import RawRow, document_rows, read_json_document, text_field
 
@@ -261,15 +263,13 @@ class RrcImageFinder:
         return found
 
     def _lookup(self, relative: str, name: str) -> Path | None:
-        if relative and not relative.startswith("/") and ".." not in relative.split("/"):
-            candidate = self.annotation_dir / relative
-            if candidate.is_file():
-                return candidate
-        basename = Path(relative).name if relative else f"{name}.png"
+        """Raises UnsafePath when the record's ``image`` or page name leads out of a folder."""
+        if relative and (found := source_file(self.annotation_dir, relative)):
+            return found
+        basename = relative.split("/")[-1] if relative else f"{name}.png"
         for folder in self.folders:
-            candidate = folder / basename
-            if candidate.is_file():
-                return candidate
+            if found := source_file(folder, basename):
+                return found
         return None
 
 
@@ -370,7 +370,10 @@ def _plan_question(
         group, position = parquet_position
         source = ParquetImage(str(row.path), int(group or 0), int(position or 0))
     else:
-        found = finder.find(row.data, name)
+        try:
+            found = finder.find(row.data, name)
+        except UnsafePath as error:
+            return f"unsafe path: {error}"
         if isinstance(found, str):
             return found
         source = ImageFile(str(found))

@@ -31,6 +31,7 @@ from ._image_records import (
     help_from_docstring,
     images_dir_option,
     make_record,
+    source_file,
 )
 from ._raw_tables import RawRow, text_field
 
@@ -79,17 +80,16 @@ class ImageFinder:
         self.src, self.images_dir = src, images_dir
 
     def find(self, annotation: Path, img: str) -> Path | None:
-        relative = img.replace("\\", "/")
-        parts = relative.split("/")
-        if not relative.startswith("/") and ".." not in parts:
-            for base in dict.fromkeys((annotation.parent, self.src)):
-                if (base / relative).is_file():
-                    return base / relative
+        """The image file; raises UnsafePath when ``img`` leads outside the folders searched."""
+        relative = img.replace("\\", "/")  # Windows separators in hand-edited files
+        for base in dict.fromkeys((annotation.parent, self.src)):
+            if found := source_file(base, relative, what="img"):
+                return found
         folders = [self.images_dir] if self.images_dir else []
         folders += [annotation.parent / "img", self.src / "img"]
         for folder in dict.fromkeys(folders):
-            if (folder / parts[-1]).is_file():
-                return folder / parts[-1]
+            if found := source_file(folder, relative.split("/")[-1], what="img"):
+                return found
         return None
 
 

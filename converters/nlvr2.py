@@ -34,6 +34,7 @@ from ._image_records import (
     help_from_docstring,
     images_dir_option,
     make_record,
+    source_file,
 )
 from ._raw_tables import RawRow, text_field
 
@@ -93,9 +94,8 @@ class ImageFinder:
     def find(self, split: str, directory: str | None, filename_stem: str) -> Path | None:
         for folder in self.folders(split, directory):
             for suffix in IMAGE_SUFFIXES:
-                candidate = folder / f"{filename_stem}{suffix}"
-                if candidate.is_file():
-                    return candidate
+                if found := source_file(folder, f"{filename_stem}{suffix}"):
+                    return found
         return None
 
 

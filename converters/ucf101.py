@@ -30,6 +30,7 @@ way with T counted by decoding.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Mapping
@@ -40,6 +41,13 @@ from typing import Any
 import click
 
 from phi3v_data.convert import Converter, ImageWriter, Item, Plan, SkipItem, Skipped, SourceError
+from phi3v_data.safe_io import (
+    UnsafePath,
+    is_environment_error,
+    is_regular_file,
+    join_inside,
+    read_regular_bytes,
+)
 
 NAME = "ucf101"
 SPLITS_DIRNAME = "ucfTrainTestlist"
@@ -169,6 +177,8 @@ def read_sampled_frames(path: Path, num_frames: int) -> tuple[int, list[int], li
     """
     import av
 
+    if not is_regular_file(path):  # replaced by a FIFO or device since planning: never open it
+        raise SkipItem("not a regular file")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -183,11 +193,15 @@ def read_sampled_frames(path: Path, num_frames: int) -> tuple[int, list[int], li
                 found = _decode_at(container, index, wanted)
                 if found is not None:
                     return count, indices, [found[i] for i in indices]
-    except av.error.FFmpegError:
-        pass  # decode it the slow way; that reports the error if it persists
+    except av.error.FFmpegError as error:
+        if is_environment_error(error):
+            raise  # I/O error, permissions: the run stops, the clip is not blamed
+        # otherwise decode it the slow way; that reports the error if it persists
     try:
         return _decode_sequentially(path, num_frames)
     except av.error.FFmpegError as error:
+        if is_environment_error(error):
+            raise
         raise SkipItem(f"cannot decode the video: {error.strerror}") from None
 
 
@@ -209,9 +223,11 @@ class Clip:
 def _lines(path: Path) -> list[tuple[int, str]]:
     """(1-based line number, text) of the non-blank lines; CRLF or LF."""
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = read_regular_bytes(path).decode("utf-8-sig")  # a FIFO is refused, not waited on
     except UnicodeDecodeError as error:
         raise SourceError(path, f"not UTF-8 text ({error.reason})") from None
+    except OSError as error:
+        raise SourceError(path, f"cannot read: {error.strerror or error}") from None
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
@@ -269,7 +285,13 @@ def read_split_list(path: Path, split: str, classes: list[str]) -> list[Clip]:
 
 
 class CaseInsensitiveTree:
-    """Resolves ``<Class>/<file>`` under a video root whatever the case of either part."""
+    """Resolves ``<Class>/<file>`` under a video root whatever the case of either part.
+
+    ``relative`` comes from the split lists: one that leaves the root (``..``, absolute, a
+    symlink leading out) raises :class:`~phi3v_data.safe_io.UnsafePath`. What is found may be
+    something other than a regular file (a FIFO, a folder): the caller checks, and never opens
+    it.
+    """
 
     def __init__(self, root: Path):
         self.root = root
@@ -277,8 +299,8 @@ class CaseInsensitiveTree:
         self._files: dict[Path, dict[str, Path]] = {}
 
     def resolve(self, relative: str) -> Path | None:
-        exact = self.root / relative
-        if exact.is_file():
+        exact = join_inside(self.root, relative, what="video path")
+        if os.path.lexists(exact):
             return exact
         if self._folders is None:
             self._folders = {p.name.lower(): p for p in sorted(self.root.iterdir()) if p.is_dir()}
@@ -288,7 +310,10 @@ class CaseInsensitiveTree:
             return None
         if folder not in self._files:
             self._files[folder] = {p.name.lower(): p for p in sorted(folder.iterdir())}
-        return self._files[folder].get(file_name.lower())
+        found = self._files[folder].get(file_name.lower())
+        if found is None:
+            return None
+        return join_inside(self.root, found.relative_to(self.root).as_posix(), what="video path")
 
 
 def _find_dir(src: Path, option: Path | None, names: tuple[str, ...]) -> Path | None:
@@ -480,9 +505,17 @@ class Ucf101Converter(Converter):
         tree = CaseInsensitiveTree(video_root)
         items, skipped = [], []
         for index, clip in enumerate(clips):
-            video = tree.resolve(clip.relative)
+            try:
+                video = tree.resolve(clip.relative)
+            except UnsafePath as error:
+                skipped.append(Skipped(clip.split, clip.relative, f"unsafe path: {error}"))
+                continue
             if video is None:
                 skipped.append(Skipped(clip.split, clip.relative, "video file is missing"))
+                continue
+            if not is_regular_file(video):  # a FIFO, device or folder: listed, never opened
+                reason = "not a regular file (a FIFO, device, socket or folder)"
+                skipped.append(Skipped(clip.split, clip.relative, reason))
                 continue
             payload = {
                 "id": f"{clip.split}-{index:010d}",
