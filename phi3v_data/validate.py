@@ -565,6 +565,23 @@ def _check_unlabeled_splits(
 )
 @click.option("--no-image-check", is_flag=True, help="Check image paths but not image contents.")
 @click.option(
+    "--num_crops",
+    "--num-crops",
+    type=click.IntRange(1, 16),
+    default=None,
+    help="Also report tokens per record (min / mean / p95 / max per split) at this num_crops, "
+    "without loading a model (phi3v_data.token_stats).",
+)
+@click.option(
+    "--tokenizer",
+    "tokenizer_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Model folder (as given to training) whose tokenizer counts text tokens exactly for "
+    "--num_crops "
+    "(default: an estimate of 4 characters per token).",
+)
+@click.option(
     "--jobs",
     "--workers",
     "jobs",
@@ -580,6 +597,8 @@ def validate_command(
     max_problems: int,
     no_image_check: bool,
     jobs: int | None,
+    num_crops: int | None = None,
+    tokenizer_dir: Path | None = None,
 ) -> None:
     """Check a dataset directory (or one .jsonl file) and summarize it.
 
@@ -601,8 +620,26 @@ def validate_command(
     except OSError as exc:
         click.echo(f"error: cannot read {exc.filename or path}: {exc.strerror or exc}", err=True)
         sys.exit(2)
+    tokens = _token_stats(path, num_crops, tokenizer_dir) if num_crops else None
     if output_format == "json":
-        click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+        data = report.to_json() | ({"tokens": tokens.to_json()} if tokens else {})
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
     else:
-        click.echo(report.format_text())
+        click.echo(report.format_text() + (f"\n{tokens.format_text()}" if tokens else ""))
     sys.exit(0 if report.ok else 1)
+
+
+def _token_stats(path: Path, num_crops: int, tokenizer_dir: Path | None):
+    """The ``--num_crops`` token report (:mod:`phi3v_data.token_stats`); exit 2 on an I/O error."""
+    from phi3v_data.token_stats import dataset_token_stats, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    except (OSError, ValueError) as exc:
+        click.echo(f"error: cannot load a tokenizer from {tokenizer_dir}: {exc}", err=True)
+        sys.exit(2)
+    try:
+        return dataset_token_stats(path, num_crops, tokenizer)
+    except OSError as exc:
+        click.echo(f"error: cannot read {exc.filename or path}: {exc.strerror or exc}", err=True)
+        sys.exit(2)
