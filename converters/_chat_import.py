@@ -490,9 +490,9 @@ def parse_val_size(value: str | None) -> float | int | None:
     )
 
 
-def common_options(*, image_folder_help: str) -> list[click.Option]:
-    """``--image_folder``, ``--split``, ``--val_size``, ``--num_frames`` (shared by the importers)."""
-    return [
+def common_options(*, image_folder_help: str, videos: bool = True) -> list[click.Option]:
+    """``--image_folder``, ``--split``, ``--val_size`` and (``videos``) ``--num_frames``."""
+    options = [
         click.Option(
             ["--image_folder"],
             type=click.Path(file_okay=False, path_type=Path),
@@ -512,6 +512,11 @@ def common_options(*, image_folder_help: str) -> list[click.Option]:
             help="Hold out N records, or a FRACTION of them, as split 'val' (deterministic; "
             "records that share an image stay together).",
         ),
+    ]
+    if not videos:
+        return options
+    return [
+        *options,
         click.Option(
             ["--num_frames"],
             type=click.IntRange(min=1),

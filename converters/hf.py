@@ -257,7 +257,8 @@ class HfConverter(ChatImporter):
     options = [
         *common_options(
             image_folder_help="Folder that image paths (cells without bytes) are relative to "
-            "(default: SRC)."
+            "(default: SRC).",
+            videos=False,
         ),
         click.Option(["--image_column"], default=None, help="Column of the images."),
         click.Option(["--messages_column"], default=None, help="Column of chat messages."),
@@ -268,9 +269,8 @@ class HfConverter(ChatImporter):
 
     def rows(self, src: Path, options: Mapping[str, Any]) -> Iterator[tuple[SourceRow, Any]]:
         folder = path_option(options, "image_folder")
-        num_frames = int(options.get("num_frames") or 8)
         root = folder or (src if src.is_dir() else src.parent)
-        resolver = MediaResolver([root], num_frames)
+        resolver = MediaResolver([root])
         for path in data_files(src):
             name = relative_name(src, path)
             index = 0
