@@ -43,6 +43,7 @@ READ_BLOCK_BYTES = 2**20
 _SPLIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _USUAL_SPLIT = re.compile(r"^(train|val|valid|validation|dev|test|eval)", re.IGNORECASE)
 _JSON_LINE = re.compile(r"at line (\d+) column")
+_ERROR_LINE = re.compile(r"^(?P<path>.*):(?P<line>\d+): (?P<field>\S+): (?P<message>.*)$")
 #: The end of a JSON object key: a quote, optional blanks, a colon (also matches an escaped quote
 #: before a colon inside a string, so counting it gives an upper bound of the keys of a line).
 _KEY_END = re.compile(rb'"[ \t\r]*:')
@@ -58,6 +59,30 @@ class DatasetError(Exception):
         field, message = one_line(field), one_line(message)
         self.path, self.line, self.field, self.message = str(path), line, field, message
         super().__init__(f"{self.path}:{line}: {field}: {message}")
+
+
+class RecordError(DatasetError, OSError):
+    """A record whose data cannot be used once read for the model (an image failing to decode at
+    training or evaluation time); ``str()`` is the one line ``path:line: field: message``.
+
+    Rebuilt from that one string by pickle and by torch's DataLoader, which re-raises a worker's
+    exception as ``type("Caught ... Original Traceback ...")``: only the traceback's last line
+    is kept, so the main process still shows one line. An ``OSError`` (``errno`` None: not the
+    machine's fault) so that every command's last net (``LazyGroup.invoke``) prints it as one
+    line, exit 1, where no command catches it before.
+    """
+
+    def __init__(self, path: Path | str, line: int | None = None, field: str = "", message=""):
+        if line is None:  # one string: ours, or a worker's traceback that ends with ours
+            text = [row for row in str(path).splitlines() if row.strip()] or ["?"]
+            last = text[-1].split(f"{type(self).__name__}: ", 1)[-1]
+            match = _ERROR_LINE.match(last)
+            path, line, field, message = (
+                (match["path"], int(match["line"]), match["field"], match["message"])
+                if match
+                else ("?", 0, "(record)", last)
+            )
+        super().__init__(path, line, field, message)
 
 
 @dataclass

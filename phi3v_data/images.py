@@ -213,15 +213,16 @@ def check_image_path(
 ) -> tuple[ImageFacts | None, str | None]:
     """Path rules, then (``content`` ``"header"`` or ``"deep"``) content rules of one image.
 
-    ``root`` must already be resolved; ``content="none"`` checks the path only.
+    ``root`` must already be resolved; ``content="none"`` checks the path only. The problem is
+    ``str(ImageError)``: ``image: what is wrong``, as training and evaluation report it.
     """
     try:
         resolved = image_file(root, relative)
+        if content == "none":
+            return None, None
+        return _examine(resolved, relative, full=content == "deep")[0], None
     except ImageError as error:
-        return None, f"{relative} {error.problem}"
-    if content == "none":
-        return None, None
-    return inspect_image(resolved, deep=content == "deep")
+        return error.facts, str(error)
 
 
 class ImageChecker:

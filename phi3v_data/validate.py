@@ -255,22 +255,20 @@ class _Validation:
             self._bar.close()
 
     def abort(self) -> None:
-        """After Ctrl-C: drop queued work and end the workers now (a second Ctrl-C meanwhile is
-        ignored, so that no worker is left behind)."""
+        """After Ctrl-C: drop queued work and end the workers now. SIGINT stays ignored from here
+        on: the process is on its way out (exit 130), and a second Ctrl-C must neither break the
+        clean-up, leaving workers behind, nor turn exit 130 into a death by signal."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         pool, self._pool = self._pool, None
         if pool is None:
             return
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            workers = list((getattr(pool, "_processes", None) or {}).values())
-            pool.shutdown(wait=False, cancel_futures=True)
-            for worker in workers:
-                worker.kill()
-            for worker in workers:
-                worker.join(timeout=10)
-            pool.shutdown(wait=True)
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        workers = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            worker.kill()
+        for worker in workers:
+            worker.join(timeout=10)
+        pool.shutdown(wait=True)
 
     def add(self, path: str, line: int, field_name: str, message: str) -> None:
         """Record one problem, or count it as suppressed once the file's budget is spent."""

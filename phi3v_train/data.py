@@ -32,6 +32,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from phi3v_data.dataset import RecordError
+from phi3v_data.images import ImageError, load_image
 from phi3v_data.schema import IMAGE_PLACEHOLDER, Record, Turn
 
 IGNORE_INDEX = -100
@@ -61,13 +63,6 @@ def turn_chat(turn: Turn, system: str | None = None) -> list[dict[str, str]]:
     return [*chat, {"role": "user", "content": turn_content(turn)}]
 
 
-def load_image(path: Path) -> Image.Image:
-    """Decode an image fully and close its file (the processor converts it to RGB)."""
-    with Image.open(path) as image:
-        image.load()
-    return image
-
-
 def _turn_prompt(
     turn: Turn, processor: Any, images_root: Path, system: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -75,7 +70,7 @@ def _turn_prompt(
     prompt = processor.tokenizer.apply_chat_template(
         turn_chat(turn, system), tokenize=False, add_generation_prompt=True
     )
-    images = [load_image(images_root / path) for path in turn.images]
+    images = [load_image(images_root, path) for path in turn.images]
     inputs = processor(prompt, images=images or None, return_tensors="pt")
     input_ids = torch.as_tensor(inputs["input_ids"])[0].to(torch.long)
     if not images:
@@ -239,7 +234,51 @@ def add_dummy_image_row(batch: dict[str, Any], dummy: dict[str, Any], pad_token_
     return {**batch, **merged}
 
 
-class TrainDataset(Dataset):
+class _RecordsDataset(Dataset):
+    """Records plus where each came from, so that an image failing on access (in a DataLoader
+    worker too) stops the run with one line naming the split file, line, record and image.
+
+    ``source`` / ``lines`` default to those of a :class:`phi3v_data.dataset.SplitRecords`.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        processor: Any,
+        images_root: Path,
+        *,
+        source: Path | None = None,
+        lines: Sequence[int] | None = None,
+    ) -> None:
+        self.records = list(records)
+        self.processor = processor
+        self.images_root = Path(images_root)
+        self.source = source if source is not None else getattr(records, "path", None)
+        lines = lines if lines is not None else getattr(records, "lines", None)
+        self.lines = list(lines) if lines is not None else [0] * len(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def encode(self, index: int, encoder: Any) -> dict[str, Any]:
+        """``encoder(record, processor, images_root)``; an :class:`ImageError` becomes a picklable
+        :class:`RecordError` naming file, line, field, image and record id."""
+        record = self.records[index]
+        try:
+            return encoder(record, self.processor, self.images_root)
+        except ImageError as error:
+            field = next(
+                f"conversations.{turn_index}.images.{image_index}"
+                for turn_index, turn in enumerate(record.conversations)
+                for image_index, image in enumerate(turn.images)
+                if image == error.image
+            )
+            source = self.source if self.source is not None else self.images_root.parent
+            message = f"{error} (record {record.id!r})"
+            raise RecordError(source, self.lines[index], field, message) from None
+
+
+class TrainDataset(_RecordsDataset):
     """Records encoded for training on access (images are decoded in the DataLoader workers)."""
 
     def __init__(
@@ -249,17 +288,14 @@ class TrainDataset(Dataset):
         images_root: Path,
         *,
         max_seq_len: int | None = None,
+        source: Path | None = None,
+        lines: Sequence[int] | None = None,
     ) -> None:
-        self.records = list(records)
-        self.processor = processor
-        self.images_root = Path(images_root)
+        super().__init__(records, processor, images_root, source=source, lines=lines)
         self.max_seq_len = max_seq_len
 
-    def __len__(self) -> int:
-        return len(self.records)
-
     def __getitem__(self, index: int) -> dict[str, Any]:
-        example = encode_for_training(self.records[index], self.processor, self.images_root)
+        example = self.encode(index, encode_for_training)
         if self.max_seq_len is not None:
             fitted = fit_to_length(example, self.max_seq_len)
             if fitted is None:  # drop_overlong() removes these before training
@@ -271,28 +307,21 @@ class TrainDataset(Dataset):
         """Remove the records ``--max_seq_len`` cannot keep; return their ids (in order)."""
         if self.max_seq_len is None:
             return []
-        kept, dropped = [], []
-        for record in self.records:
-            example = encode_for_training(record, self.processor, self.images_root)
-            (kept if fit_to_length(example, self.max_seq_len) is not None else dropped).append(
-                record
-            )
-        self.records = kept
+        kept, kept_lines, dropped = [], [], []
+        for index, record in enumerate(self.records):
+            if fit_to_length(self.encode(index, encode_for_training), self.max_seq_len) is None:
+                dropped.append(record)
+            else:
+                kept.append(record)
+                kept_lines.append(self.lines[index])
+        self.records, self.lines = kept, kept_lines
         return [record.id for record in dropped]
 
 
-class GenerationDataset(Dataset):
+class GenerationDataset(_RecordsDataset):
     """Records encoded as generation prompts, with their ids and reference answers."""
-
-    def __init__(self, records: Sequence[Record], processor: Any, images_root: Path) -> None:
-        self.records = list(records)
-        self.processor = processor
-        self.images_root = Path(images_root)
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        example = encode_for_generation(record, self.processor, self.images_root)
+        example = self.encode(index, encode_for_generation)
         return {**example, "id": record.id, "references": record.references}

@@ -15,6 +15,8 @@ logits of the first generated position.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ from phi3v_data.dataset import (
     load_info,
     split_path,
 )
+from phi3v_data.safe_io import describe_os_error
 from phi3v_data.schema import DatasetInfo, Record
 from phi3v_train import metrics as metric_fns
 from phi3v_train.config import MAX_NUM_CROPS
@@ -132,8 +135,15 @@ def evaluate_split(
 
     rank, world = _rank_and_world()
     shard = list(range(len(records)))[rank::world]
+    dataset = GenerationDataset(
+        [records[index] for index in shard],
+        processor,
+        images_root(data_dir),
+        source=jsonl_path,
+        lines=[numbered[index][0] for index in shard],
+    )
     loader = DataLoader(
-        GenerationDataset([records[index] for index in shard], processor, images_root(data_dir)),
+        dataset,
         batch_size=batch_size,
         collate_fn=GenerationCollator(tokenizer.pad_token_id),
         num_workers=num_workers,
@@ -290,6 +300,25 @@ def error_headline(error: Exception) -> str:
     return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
+def check_writable(path: Path) -> None:
+    """Raise ``OSError`` (or ``IsADirectoryError``) unless a file can be written at ``path``.
+
+    Run before an evaluation so that its results are never lost to a read-only, full or missing
+    output folder: a probe file with one block of data is created beside ``path`` and removed.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a directory; --out names the JSON file to write", str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.write(descriptor, b"\0" * 4096)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+        os.unlink(probe)
+
+
 def _finite_or_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
@@ -415,6 +444,12 @@ def eval_command(
         raise click.ClickException(str(error)) from None
     if adapter is not None and adapter_problem(adapter):
         raise click.ClickException(adapter_problem(adapter))
+    out = out or Path(f"eval_{split}.json")
+    try:
+        check_writable(out)
+    except OSError as error:
+        message = f"--out: cannot write the results: {describe_os_error(error)}"
+        raise click.ClickException(message) from None
     where = setup_distributed()
     if num_crops is None:
         num_crops = load_info(data_dir).num_crops
@@ -440,11 +475,14 @@ def eval_command(
             max_samples=max_samples,
             metrics=names,
         )
-    except DatasetError as error:
+    except DatasetError as error:  # RecordError too: an image failing, also in a worker
         raise click.ClickException(str(error)) from None
     if where.is_main:
-        out = out or Path(f"eval_{split}.json")
-        result.write_json(out)
-        click.echo(result.format_table())
+        click.echo(result.format_table())  # shown first: the metrics survive a failed write
+        try:
+            result.write_json(out)
+        except OSError as error:
+            message = f"--out: cannot write the results: {describe_os_error(error)}"
+            raise click.ClickException(message) from None
         click.echo(f"wrote {out}")
     cleanup_distributed()

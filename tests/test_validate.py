@@ -241,7 +241,7 @@ def test_bad_image_reported_once_at_first_reference(tmp_path: Path) -> None:
     dataset = write_dataset(tmp_path / "d", {"train": rows}, images={"ok.jpg": image_bytes()})
     report = run_validate(dataset)
     assert only_problem(report).endswith(
-        "toy_train.jsonl:1: conversations.0.images.1: gone.jpg does not exist in images/"
+        "toy_train.jsonl:1: conversations.0.images.1: gone.jpg: does not exist in images/"
     )
 
 
@@ -420,11 +420,11 @@ def test_cli_reports_every_bad_input_without_traceback(tmp_path: Path) -> None:
         f"{file}:4: (line): empty line",
         f"{file}:5: (encoding): not valid UTF-8",
         f"{file}:6: (line): line longer than",
-        f"{file}:8: conversations.0.images.0: empty file",
-        f"{file}:9: conversations.0.images.0: not an image file",
-        f"{file}:10: conversations.0.images.0: cannot be decoded",
-        f"{file}:12: conversations.0.images.0: I;16 image",
-        f"{file}:14: conversations.0.images.0: animated WEBP (3 frames)",
+        f"{file}:8: conversations.0.images.0: zero.jpg: empty file",
+        f"{file}:9: conversations.0.images.0: text.jpg: not an image file",
+        f"{file}:10: conversations.0.images.0: cut.jpg: cannot be decoded",
+        f"{file}:12: conversations.0.images.0: wide.png: I;16 image",
+        f"{file}:14: conversations.0.images.0: anim.webp: animated WEBP (3 frames)",
     ]
     reported = [line for line in result.stdout.splitlines() if line.startswith(file)]
     assert len(reported) == len(expected), result.stdout
