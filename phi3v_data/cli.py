@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "validate": "phi3v_data.validate:validate_command",
     "convert": "phi3v_data.convert:convert_command",
     "synth": "phi3v_data.synth:synth_command",
+    "preview": "phi3v_data.preview:preview_command",
 }
 
 

@@ -215,6 +215,8 @@ class TokenReport:
 def iter_split_records(path: Path, context: dict) -> Iterator[tuple[int, Record | None]]:
     """``(line, Record)`` for every line of a jsonl file; ``(line, None)`` for an invalid one."""
     for number, data, problem in read_lines(path):
+        if problem is not None and problem[0] == "(encoding)" and number == 1:
+            continue  # a byte order mark: the rest of the line follows
         if problem is not None or data is None:
             yield number, None
             continue
