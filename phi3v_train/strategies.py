@@ -22,6 +22,7 @@ after the feature layer never run and get no adapters (the original deleted them
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -106,19 +107,50 @@ def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
         init_lora_weights="gaussian",
         use_dora=config.use_dora,
     )
-    return get_peft_model(model, lora_config)
+    with warnings.catch_warnings():
+        # peft reads the model's deprecated `is_gradient_checkpointing` (transformers 5.24 warns);
+        # the check is peft's own, so its warning is not the user's to act on.
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+        return get_peft_model(model, lora_config)
+
+
+#: bitsandbytes' 4-bit block size: a linear layer is packed in blocks of this many input weights.
+NF4_BLOCK_SIZE = 64
+#: Never quantized (transformers' own default: the output embedding stays in full precision).
+NEVER_QUANTIZED = ("lm_head",)
+
+
+def unquantizable_linears(model_config: Any) -> list[str]:
+    """Names of the linear layers too narrow for 4-bit blocks (input width not a multiple of
+    :data:`NF4_BLOCK_SIZE`): bitsandbytes' CPU kernels cannot reshape their block scales, so such
+    layers (the tiny preset's 32-wide CLIP) stay unquantized. Built on the meta device: no memory.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module.in_features % NF4_BLOCK_SIZE
+    ]
 
 
 def quantization_config(config: TrainConfig, device: torch.device) -> Any:
-    """The original's QLoRA quantization: 4-bit nf4, no double quantization."""
-    from transformers import BitsAndBytesConfig
+    """The original's QLoRA quantization: 4-bit nf4, no double quantization; linear layers too
+    narrow for nf4 blocks and ``lm_head`` stay unquantized."""
+    from transformers import AutoConfig, BitsAndBytesConfig
 
     if device.type == "cpu":
         compute_dtype = torch.bfloat16 if config.bf16 else torch.float32
     else:
         compute_dtype = torch.bfloat16 if config.bf16 else torch.float16
+    model_config = AutoConfig.from_pretrained(config.model_name_or_path)
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=[*NEVER_QUANTIZED, *unquantizable_linears(model_config)],
     )
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from train_helpers import tiny_model, train_in_process, write_dataset
+from train_helpers import base_args, run_cli, tiny_model, train_in_process, write_dataset
 
 from phi3v_train.config import TrainConfig
-from phi3v_train.strategies import CLIP_LORA_TARGETS, lora_target_modules
+from phi3v_train.strategies import CLIP_LORA_TARGETS, lora_target_modules, quantization_config
 
 CLIP_WEIGHT = "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.0.mlp.fc1.weight"
 PROJECTOR_WEIGHT = "model.vision_embed_tokens.img_projection.0.weight"
@@ -166,3 +166,32 @@ def test_lora_targets_skip_the_clip_layers_that_never_run(tiny_model_dir: Path) 
     assert not any(f"encoder.layers.{last}." in t for t in targets)
     assert "model.vision_embed_tokens.img_projection.0" in targets
     assert sum(t.endswith("qkv_proj") for t in targets) == model.config.num_hidden_layers
+
+
+def test_qlora_keeps_layers_narrower_than_a_block_unquantized(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    config = TrainConfig(model_name_or_path=str(tiny_model_dir), use_qlora=True, bf16=False)
+    quantization = quantization_config(config, torch.device("cpu"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quantization)
+    kinds = {name: type(module).__name__ for name, module in model.named_modules()}
+    clip_q = (
+        "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.0.self_attn.q_proj"
+    )
+    assert kinds[clip_q] == "Linear"  # 32 wide: below the 64-weight nf4 block
+    assert kinds["model.layers.0.self_attn.qkv_proj"] == "Linear4bit"  # 64 wide: quantized
+    assert kinds["lm_head"] == "Linear"
+
+
+def test_qlora_trains_and_evaluates_the_tiny_preset(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The user path that crashed: --use_qlora on make-tiny, with evaluation before and after."""
+    data = write_dataset(tmp_path / "data", train=2, val=2, text_only_every=2)
+    out = tmp_path / "out"
+    args = base_args(tiny_model_dir, data, out, use_qlora=True, lora_rank=8, max_steps=1)
+    args = [a for a in args if a not in ("--skip_eval_before", "--skip_eval_after")]
+    result = run_cli([*args, "--eval_max_samples", "2", "--max_new_tokens", "4"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "FutureWarning" not in result.stderr
+    for name in ("eval_before.json", "eval_after.json", "adapter_model.safetensors"):
+        assert (out / name).is_file(), name
