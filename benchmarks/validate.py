@@ -1,6 +1,7 @@
 """Speed and memory of ``phi3v-data validate`` against a naive jsonschema baseline.
 
     .venv/bin/python benchmarks/validate.py [--records 1000000] [--images 3000] [--workdir DIR]
+    .venv/bin/python benchmarks/validate.py --issue12 --records 200000   # issue 12 costs only
 
 Builds a dataset in a temporary folder: ``--images`` real JPEG files (320x240) referenced many
 times by ``--records`` records, 90% train / 10% test, half UCF-101-like (8 frames, the 101-class
@@ -192,6 +193,80 @@ def measure_baseline(data_dir: Path, limit: int) -> dict:
     }
 
 
+def _old_header_check(path: Path) -> str | None:
+    """The default image check before issue 12: header only, PNG chunk CRCs, JPEG end marker."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.format == "PNG":
+                image.verify()
+        return None
+    except Exception as error:  # noqa: BLE001 - any failure is a verdict here
+        return str(error)
+
+
+def measure_issue12(workdir: Path, count: int, records: int) -> None:
+    """Issue 12 costs, in one run: the default image check (full decode of every non-JPEG
+    format) against the old header check on ``count`` PNG and ``count`` JPEG images, and the
+    duplicate-key check's share of schema-check throughput (1 process, alternated runs)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from phi3v_data import record_scan
+    from phi3v_data.images import inspect_image
+    from phi3v_data.validate import validate_dataset
+
+    rng = np.random.default_rng(0)
+    for fmt, suffix in (("PNG", "png"), ("JPEG", "jpg")):
+        folder = workdir / f"images_{suffix}"
+        folder.mkdir(parents=True)
+        # a document-like page: flat paper, dark strokes, some noise (DocVQA pages are PNG)
+        for index in range(count):
+            page = np.full((240, 320), 235, dtype=np.uint8)
+            page[rng.integers(0, 240, 400), rng.integers(0, 320, 400)] = 20
+            stream = io.BytesIO()
+            Image.fromarray(page).convert("RGB").save(stream, fmt)
+            (folder / f"{index}.{suffix}").write_bytes(stream.getvalue())
+        paths = sorted(folder.iterdir())
+        timings = {}
+        for name, check in (
+            ("old header check", _old_header_check),
+            ("default check (issue 12)", lambda path: inspect_image(path)[1]),
+            ("--deep", lambda path: inspect_image(path, deep=True)[1]),
+        ):
+            started = time.perf_counter()
+            assert all(check(path) is None for path in paths)
+            timings[name] = time.perf_counter() - started
+        size = sum(path.stat().st_size for path in paths) / len(paths) / 1024
+        for name, seconds in timings.items():
+            print(
+                f"| {fmt} 320x240 ({size:.0f} KiB avg) | {name} | {seconds:.2f} | "
+                f"{count / seconds:,.0f} |"
+            )
+    data = workdir / "dups"
+    (data / "images").mkdir(parents=True)
+    build_records(data / "bench_train.jsonl", records, [f"{i}.jpg" for i in range(64)], "tr", 1)
+    real = record_scan.duplicate_keys
+    rates: dict[str, list[float]] = {"without duplicate-key check": [], "with it": []}
+    for _ in range(3):
+        for name, check in (
+            ("without duplicate-key check", lambda data, record: []),
+            ("with it", real),
+        ):
+            record_scan.duplicate_keys = check
+            started = time.perf_counter()
+            report = validate_dataset(data, check_images=False, jobs=1)
+            rates[name].append(records / (time.perf_counter() - started))
+            assert report.summary.records == records
+    record_scan.duplicate_keys = real
+    for name, values in rates.items():
+        print(f"| schema checks, 1 process | {name} | best of 3: {max(values):,.0f} records/s |")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+
+
 def child(argv: list[str]) -> None:
     kind, data_dir = argv[0], Path(argv[1])
     if kind == "validate":
@@ -219,8 +294,20 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--baseline", type=int, default=50_000, help="records the baseline reads")
     parser.add_argument("--workdir", type=Path, default=None, help="where to build (default tmp)")
+    parser.add_argument(
+        "--issue12",
+        action="store_true",
+        help="only the issue 12 costs: image checks on --images PNG + JPEG, duplicate keys on "
+        "--records records",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="phi3v-bench-validate-", dir=args.workdir))
+    if args.issue12:
+        try:
+            measure_issue12(workdir, args.images, args.records)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return
     try:
         started = time.perf_counter()
         full, small = workdir / "full", workdir / "small"
