@@ -14,13 +14,13 @@ import pytest
 import torch
 from test_data import _official_processor
 
+from phi3v_data.images import load_image
 from phi3v_data.schema import Record
 from phi3v_train.data import (
     ANSWER_SUFFIX,
     IGNORE_INDEX,
     encode_for_generation,
     encode_for_training,
-    load_image,
     turn_content,
 )
 
@@ -35,7 +35,7 @@ def processor(reference_dir: Path):
 
 def _hand_ids(processor, prompt: str, answer: str | None, images: list[str], root: Path):
     """Ids of a hand-written prompt (+ answer) through the processor and the tokenizer."""
-    pictures = [load_image(root / path) for path in images]
+    pictures = [load_image(root, path) for path in images]
     ids = processor(prompt, images=pictures or None)["input_ids"][0].tolist()
     if answer is not None:
         ids += processor.tokenizer(answer + ANSWER_SUFFIX, add_special_tokens=False)["input_ids"]
