@@ -1,15 +1,26 @@
-"""Complete, atomic checkpoints and exact resume.
+"""Complete, atomic checkpoints, exact resume, and nothing unpickled on the way back.
 
 ``OUT/checkpoint-N/`` holds everything needed to continue bit for bit:
 
 - ``trainable.safetensors``: every trainable parameter (the full weights under full fine-tuning,
   the adapter weights under LoRA), by its name in the unwrapped model; LoRA runs also write
   ``adapter/`` in PEFT's format. Under DeepSpeed, ``deepspeed/`` holds the engine's own
-  checkpoint (weights, sharded optimizer) instead.
-- ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt`` (fp16 on CUDA only);
-- ``rng_state_<rank>.pt``: python, numpy, torch and CUDA generator states of every rank;
+  checkpoint (weights, sharded optimizer) instead, plus ``deepspeed.json`` (see below).
+- ``optimizer``, ``scheduler``, ``scaler`` (fp16 on CUDA only) and ``rng_state_<rank>`` (python,
+  numpy, torch and CUDA generator states of every rank): each a ``NAME.json`` holding every
+  non-tensor value, and a ``NAME.safetensors`` holding the tensors the JSON refers to
+  (:func:`save_tree` / :func:`load_tree`). Nothing is pickled, so a crafted checkpoint cannot run
+  code: the worst it can do is be refused with one line naming the file (:class:`CheckpointError`).
 - ``trainer_state.json``: optimizer step, epoch, micro-batches consumed in that epoch, seed, world
-  size and the loss history. It is written last.
+  size and the loss history. It is written last and read strictly (unknown or missing keys, wrong
+  types are refused).
+
+DeepSpeed's own checkpoint files are pickles (DeepSpeed loads them with ``weights_only=False``).
+They are therefore only loaded when ``deepspeed.json`` lists the SHA-256 of every file under
+``deepspeed/`` and carries an HMAC of that list made with this user's key
+(``~/.config/phi3v/checkpoint.key``, created 0600 on first save; ``PHI3V_CHECKPOINT_KEY_FILE``
+names another, e.g. one shared by the nodes of a multi-node run). A DeepSpeed folder that this
+user's trainer did not write, or any file of it changed since, is refused before DeepSpeed reads it.
 
 All ranks write into ``checkpoint-N.tmp/``; rank 0 renames it to ``checkpoint-N`` once every file is
 on disk, so a directory named ``checkpoint-N`` is always complete, and a run killed while saving
@@ -18,12 +29,15 @@ leaves only a ``.tmp`` folder, which the next run removes.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import random
 import re
+import secrets
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from phi3v_data.atomic import write_atomic
+from phi3v_data.safe_io import is_regular_file, read_regular_text
 from phi3v_train.distributed import DistInfo, barrier
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -40,7 +55,14 @@ TMP_SUFFIX = ".tmp"
 STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_MANIFEST = "deepspeed.json"
+TREE_FORMAT = "phi3v-state/1"
+KEY_FILE_ENV = "PHI3V_CHECKPOINT_KEY_FILE"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; ``str()`` is one line naming the file."""
 
 
 @dataclass
@@ -59,7 +81,140 @@ class TrainerState:
 
     @classmethod
     def read(cls, path: Path) -> TrainerState:
-        return cls(**json.loads(path.read_text(encoding="utf-8")))
+        """Read strictly: exactly the known keys, each of the right type (else CheckpointError)."""
+        data = _read_json(path)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: not a JSON object")
+        known = [item.name for item in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise CheckpointError(f"{path}: unknown key {unknown[0]!r}")
+        missing = [name for name in known if name not in data]
+        if missing:
+            raise CheckpointError(f"{path}: missing key {missing[0]!r}")
+        for name in known[:-1]:
+            value = data[name]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise CheckpointError(f"{path}: {name}: a non-negative integer is expected")
+        losses = data["losses"]
+        if not isinstance(losses, list) or not all(
+            isinstance(pair, list)
+            and len(pair) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in pair)
+            for pair in losses
+        ):
+            raise CheckpointError(f"{path}: losses: a list of [step, loss] pairs is expected")
+        return cls(**data)
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file (regular files only: a FIFO is refused, never waited on), or CheckpointError."""
+    try:
+        return json.loads(read_regular_text(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (incomplete checkpoint)") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not UTF-8 text (corrupt)") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(
+            f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}"
+        ) from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing (incomplete checkpoint)")
+    if not is_regular_file(path):
+        raise CheckpointError(f"{path}: not a regular file")
+    try:
+        return load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path}: not a valid safetensors file (truncated or corrupt): {reason}"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# state trees: JSON for everything but tensors, safetensors for the tensors
+# ------------------------------------------------------------------------------------------------
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = value.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    if isinstance(value, list):
+        return [_encode(item, tensors) for item in value]
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(item, tensors) for item in value]}
+    if isinstance(value, dict):
+        if all(isinstance(key, str) and not key.startswith("__") for key in value):
+            return {key: _encode(item, tensors) for key, item in value.items()}
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor], path: Path) -> Any:
+    if isinstance(value, list):
+        return [_decode(item, tensors, path) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {"__tensor__"}:
+        key = value["__tensor__"]
+        if not isinstance(key, str) or key not in tensors:
+            raise CheckpointError(f"{path}: refers to tensor {key!r}, absent from its safetensors")
+        return tensors[key]
+    if set(value) == {"__tuple__"} and isinstance(value["__tuple__"], list):
+        return tuple(_decode(item, tensors, path) for item in value["__tuple__"])
+    if set(value) == {"__items__"} and isinstance(value["__items__"], list):
+        items = value["__items__"]
+        if not all(isinstance(pair, list) and len(pair) == 2 for pair in items):
+            raise CheckpointError(f"{path}: __items__: [key, value] pairs expected")
+        try:
+            return {_decode(k, tensors, path): _decode(v, tensors, path) for k, v in items}
+        except TypeError:
+            raise CheckpointError(f"{path}: a dictionary key is not hashable") from None
+    if any(key.startswith("__") for key in value):
+        raise CheckpointError(f"{path}: unknown marker {sorted(value)[0]!r}")
+    return {key: _decode(item, tensors, path) for key, item in value.items()}
+
+
+def save_tree(directory: Path, name: str, tree: Any) -> None:
+    """Write ``tree`` (dicts, lists, tuples, scalars, tensors) as ``NAME.json`` (+ tensors in
+    ``NAME.safetensors``), each atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = _encode(tree, tensors)
+    if tensors:
+        save_file(tensors, str(directory / f"{name}.safetensors"))
+    document = {"format": TREE_FORMAT, "tensors": bool(tensors), "tree": encoded}
+    write_atomic(directory / f"{name}.json", json.dumps(document).encode("utf-8"))
+
+
+def load_tree(directory: Path, name: str) -> Any:
+    """Read what :func:`save_tree` wrote; :class:`CheckpointError` naming the file otherwise."""
+    path = directory / f"{name}.json"
+    document = _read_json(path)
+    if (
+        not isinstance(document, dict)
+        or document.get("format") != TREE_FORMAT
+        or set(document) != {"format", "tensors", "tree"}
+    ):
+        raise CheckpointError(f"{path}: not a {TREE_FORMAT} state file")
+    tensors = _read_safetensors(directory / f"{name}.safetensors") if document["tensors"] else {}
+    return _decode(document["tree"], tensors, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoint folders
+# ------------------------------------------------------------------------------------------------
 
 
 def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -88,23 +243,58 @@ def remove_incomplete(output_dir: Path) -> list[Path]:
     return removed
 
 
+# ------------------------------------------------------------------------------------------------
+# RNG states as JSON + uint8 tensors
+# ------------------------------------------------------------------------------------------------
+
+
 def capture_rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "kind": kind,
+            "keys": keys.tolist(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def restore_rng_state(state: Any, path: Path) -> None:
+    try:
+        python, numpy_state = state["python"], state["numpy"]
+        random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+        np.random.set_state(
+            (
+                numpy_state["kind"],
+                np.asarray(numpy_state["keys"], dtype=np.uint32),
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["cached_gaussian"],
+            )
+        )
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: not a valid RNG state ({error_line(error)})") from None
+
+
+def error_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------------
+# weights, optimizer
+# ------------------------------------------------------------------------------------------------
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -117,15 +307,127 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable(model: nn.Module, path: Path) -> None:
-    """Copy the saved trainable parameters into ``model`` (names must match exactly)."""
-    saved = load_file(str(path))
+    """Copy the saved trainable parameters into ``model``: the names and shapes must be exactly
+    this model's trainable parameters (a checkpoint of another model or strategy is refused)."""
+    saved = _read_safetensors(path)
     params = dict(model.named_parameters())
-    missing = sorted(set(saved) - set(params))
-    if missing:
-        raise ValueError(f"{path}: {missing[0]}: parameter not found in the model")
+    trainable = {name for name, param in params.items() if param.requires_grad}
+    extra = sorted(set(saved) - trainable)
+    if extra:
+        raise CheckpointError(
+            f"{path}: {extra[0]}: not a trainable parameter of this model (a checkpoint of "
+            "another model or strategy)"
+        )
+    absent = sorted(trainable - set(saved))
+    if absent:
+        raise CheckpointError(
+            f"{path}: {absent[0]}: missing (a checkpoint of another model or strategy)"
+        )
+    for name, tensor in saved.items():
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise CheckpointError(
+                f"{path}: {name}: shape {tuple(tensor.shape)}, the model has "
+                f"{tuple(params[name].shape)} (a checkpoint of another model)"
+            )
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    path = directory / "optimizer.json"
+    state = load_tree(directory, "optimizer")
+    try:
+        params = [param for group in optimizer.param_groups for param in group["params"]]
+        for index, values in state["state"].items():
+            for key, value in values.items():
+                if torch.is_tensor(value) and value.dim() and value.shape != params[index].shape:
+                    raise ValueError(f"state {key} of parameter {index} has the wrong shape")
+        optimizer.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        raise CheckpointError(
+            f"{path}: does not match this model's optimizer ({error_line(error)})"
+        ) from None
+
+
+def _load_simple(target: Any, directory: Path, name: str) -> None:
+    state = load_tree(directory, name)
+    try:
+        target.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{directory / name}.json: {error_line(error)}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# DeepSpeed folders: pickles, so only loaded when signed by this user's key
+# ------------------------------------------------------------------------------------------------
+
+
+def _key_file() -> Path:
+    configured = os.environ.get(KEY_FILE_ENV)
+    return Path(configured) if configured else Path.home() / ".config" / "phi3v" / "checkpoint.key"
+
+
+def _signing_key(create: bool) -> bytes | None:
+    path = _key_file()
+    if not path.is_file() and create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(secrets.token_hex(32).encode("ascii"))
+    return path.read_bytes().strip() if is_regular_file(path) else None
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() or (path.exists() and not path.is_dir() and not path.is_file()):
+            raise CheckpointError(f"{path}: not a regular file")
+        if path.is_file():
+            found[path.relative_to(folder).as_posix()] = hashlib.sha256(
+                path.read_bytes()
+            ).hexdigest()
+    return found
+
+
+def _signature(key: bytes, digests: dict[str, str]) -> str:
+    return hmac.new(key, json.dumps(digests, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def sign_deepspeed(checkpoint: Path) -> None:
+    key = _signing_key(create=True)
+    digests = _digests(checkpoint / DEEPSPEED_DIR)
+    document = {"files": digests, "hmac": _signature(key, digests)}
+    write_atomic(checkpoint / DEEPSPEED_MANIFEST, json.dumps(document, indent=1).encode())
+
+
+def verify_deepspeed(checkpoint: Path) -> None:
+    """Refuse a DeepSpeed folder unless this user's trainer wrote it, unchanged since."""
+    manifest = checkpoint / DEEPSPEED_MANIFEST
+    document = _read_json(manifest)
+    key = _signing_key(create=False)
+    if key is None:
+        raise CheckpointError(f"{manifest}: no checkpoint key at {_key_file()}: not ours; refused")
+    digests = _digests(checkpoint / DEEPSPEED_DIR)
+    if not isinstance(document, dict) or document.get("files") != digests:
+        raise CheckpointError(
+            f"{checkpoint / DEEPSPEED_DIR}: files differ from {manifest}: refused (DeepSpeed "
+            "files are pickles and are only loaded as this trainer wrote them)"
+        )
+    if not hmac.compare_digest(str(document.get("hmac")), _signature(key, digests)):
+        raise CheckpointError(
+            f"{manifest}: signature does not match this user's key: not written by this "
+            "trainer; refused (DeepSpeed files are pickles)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# save / load
+# ------------------------------------------------------------------------------------------------
 
 
 def save_checkpoint(
@@ -153,13 +455,15 @@ def save_checkpoint(
         save_file(trainable_state_dict(model), str(tmp / TRAINABLE_FILE))
         if hasattr(model, "peft_config"):
             model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_tree(tmp, "optimizer", optimizer.state_dict())
+        save_tree(tmp, "scheduler", scheduler.state_dict())
         if scaler is not None and scaler.is_enabled():
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    torch.save(capture_rng_state(), tmp / f"rng_state_{dist.rank}.pt")
+            save_tree(tmp, "scaler", scaler.state_dict())
+    save_tree(tmp, f"rng_state_{dist.rank}", capture_rng_state())
     barrier()
     if dist.is_main:
+        if engine is not None:
+            sign_deepspeed(tmp)
         state.write(tmp / STATE_FILE)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -180,21 +484,29 @@ def load_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     engine: Any = None,
 ) -> TrainerState:
-    """Restore weights, optimizer, scheduler, scaler and this rank's RNG; return the state."""
+    """Restore weights, optimizer, scheduler, scaler and this rank's RNG; return the state.
+
+    Every problem is a :class:`CheckpointError` naming the file; nothing is unpickled.
+    """
     state = TrainerState.read(path / STATE_FILE)
     if state.world_size != dist.world_size:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: world_size: the checkpoint was written by {state.world_size} processes, "
             f"this run has {dist.world_size}; resume with the same number of processes"
         )
+    rng = load_tree(path, f"rng_state_{dist.rank}")  # read (and checked) before anything changes
     if engine is not None:
+        if not (path / DEEPSPEED_DIR).is_dir():
+            raise CheckpointError(f"{path / DEEPSPEED_DIR}: missing (not a DeepSpeed checkpoint)")
+        verify_deepspeed(path)
         engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag="state")
     else:
+        if (path / DEEPSPEED_DIR).exists():
+            raise CheckpointError(f"{path}: a DeepSpeed checkpoint; resume it with --deepspeed")
         load_trainable(model, path / TRAINABLE_FILE)
-        device = next(model.parameters()).device
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
-        if scaler is not None and (path / "scaler.pt").is_file():
-            scaler.load_state_dict(torch.load(path / "scaler.pt"))
-    restore_rng_state(torch.load(path / f"rng_state_{dist.rank}.pt", weights_only=False))
+        _load_optimizer(optimizer, path)
+        _load_simple(scheduler, path, "scheduler")
+        if scaler is not None and scaler.is_enabled():
+            _load_simple(scaler, path, "scaler")
+    restore_rng_state(rng, path / f"rng_state_{dist.rank}.json")
     return state
