@@ -338,6 +338,9 @@ def load_for_inference(
     """
     from transformers import AutoModelForCausalLM, AutoProcessor
 
+    from phi3v_train.model_source import check_sources
+
+    model_path = check_sources(model_path, adapter)  # safetensors only; no hub hang
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype or torch.float32)
     if adapter is not None:
         from peft import PeftModel

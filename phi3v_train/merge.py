@@ -26,7 +26,9 @@ import click
 import torch
 from safetensors import safe_open
 
-from phi3v_train.evaluate import STOP_TOKENS, adapter_problem, error_headline, has_processor
+from phi3v_data.safe_io import describe_os_error
+from phi3v_train.evaluate import STOP_TOKENS, error_headline, has_processor
+from phi3v_train.model_source import ModelSourceError, check_adapter, resolve_model_source
 
 #: The alias of ``model.embed_tokens.weight`` that the official code exposes; never written.
 SHARED_EMBEDDING_ALIAS = "model.vision_embed_tokens.wte.weight"
@@ -52,17 +54,49 @@ def merge_adapter(
     dtype: str = "auto",
     overwrite: bool = False,
 ) -> Path:
-    """Write ``base`` + ``adapter`` merged into ``out`` (atomically); return ``out``."""
+    """Write ``base`` + ``adapter`` merged into ``out`` (atomically); return ``out``.
+
+    The model source and the adapter are checked first (safetensors only; a hub id fails fast
+    when the hub cannot be reached), then ``out`` is proved writable, all before any load.
+    """
+    adapter, out = Path(adapter), Path(out)
+    try:  # safetensors only, no hub hang: one line before anything loads
+        source = resolve_model_source(base, what="--model")
+        check_adapter(adapter)
+    except ModelSourceError as error:
+        raise MergeError(str(error)) from None
+    if out.exists() and not out.is_dir():
+        raise MergeError(f"{out}: --out: exists and is not a directory")
+    if out.exists() and not overwrite:
+        raise MergeError(f"{out}: already exists (pass --overwrite to replace it)")
+    for name, folder in (("--model", Path(source)), ("--adapter", adapter)):
+        if folder.is_dir() and (
+            out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents
+        ):
+            raise MergeError(f"{out}: --out is or contains {name} {folder}: it would be replaced")
+
+    temporary = out.with_name(f".{out.name}.merge-{os.getpid()}")
+    try:  # prove the destination writable before the long load and merge
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    except OSError as error:
+        raise MergeError(f"{out}: --out: cannot write: {describe_os_error(error)}") from None
+    try:
+        _merge_into(source, adapter, out, temporary, dtype)
+    except OSError as error:
+        raise MergeError(
+            f"{out}: cannot write the merged model: {describe_os_error(error)}"
+        ) from None
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return out
+
+
+def _merge_into(base: str, adapter: Path, out: Path, temporary: Path, dtype: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoProcessor
 
-    adapter, out = Path(adapter), Path(out)
-    if adapter_problem(adapter):
-        raise MergeError(adapter_problem(adapter))
-    if out.exists() and not overwrite:
-        raise MergeError(f"{out}: already exists (pass --overwrite to replace it)")
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
     saved_dtype = _checkpoint_dtype(model.config) if dtype == "auto" else DTYPES[dtype]
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     merged.to(saved_dtype)
@@ -75,18 +109,12 @@ def merge_adapter(
     generation.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
     generation.pad_token_id = tokenizer.pad_token_id
 
-    temporary = out.with_name(f".{out.name}.merge-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    try:
-        merged.save_pretrained(temporary)
-        processor.save_pretrained(temporary)
-        processor.image_processor.save_pretrained(temporary)  # preprocessor_config.json, official
-        _check_no_alias(temporary)
-        keep_remote_code(base, temporary)
-        _replace_dir(temporary, out)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return out
+    merged.save_pretrained(temporary)
+    processor.save_pretrained(temporary)
+    processor.image_processor.save_pretrained(temporary)  # preprocessor_config.json, official
+    _check_no_alias(temporary)
+    keep_remote_code(base, temporary)
+    _replace_dir(temporary, out)
 
 
 def keep_remote_code(base: str | Path, model_dir: Path) -> None:
