@@ -31,7 +31,8 @@ MAX_NUM_CROPS = 16
 class TrainConfig(BaseModel):
     """The resolved configuration of one training run."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # allow_inf_nan=False: every float option refuses inf / nan (a NaN model would be saved).
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
     # --- data and model --------------------------------------------------------------------
     data_dir: Path | None = Field(
@@ -91,7 +92,12 @@ class TrainConfig(BaseModel):
         "short runs reach the peak learning rate.",
     )
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
-    seed: int = Field(default=42, description="Seed of weights init, data order and dropout.")
+    seed: int = Field(
+        default=42,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed of weights init, data order and dropout (0..2**32-1).",
+    )
     # --- strategy --------------------------------------------------------------------------
     use_lora: bool | None = Field(
         default=None,
@@ -154,6 +160,12 @@ class TrainConfig(BaseModel):
         description="Resume: `auto` (newest complete checkpoint in output_dir, if any) or a "
         "checkpoint directory.",
     )
+    overwrite: bool = Field(
+        default=False,
+        description="Start afresh in an output_dir that holds a previous run's outputs: the "
+        "files the trainer writes there are removed first (nothing else). Without it (or "
+        "--resume) such an output_dir is refused.",
+    )
     # --- evaluation and logging ------------------------------------------------------------
     skip_eval_before: bool = Field(
         default=False, description="Skip the evaluation before training."
@@ -185,6 +197,8 @@ class TrainConfig(BaseModel):
                 "use_flash_attention: flash attention does not run in fp16 (the original's known "
                 "issue); add --bf16 or choose --attn sdpa"
             )
+        if self.overwrite and self.resume is not None:
+            raise ValueError("overwrite: --overwrite starts afresh; it cannot run with --resume")
         if self.deepspeed and self.use_qlora:
             raise ValueError("deepspeed: DeepSpeed ZeRO cannot shard a 4-bit QLoRA base model")
         if (
@@ -228,7 +242,7 @@ class TrainConfig(BaseModel):
 
     def to_yaml(self) -> str:
         """The resolved configuration (derived LoRA switch written out explicitly)."""
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", exclude={"overwrite"})  # never replayed by --config
         data["use_lora"] = self.lora
         return yaml.safe_dump(data, sort_keys=False)
 

@@ -34,6 +34,8 @@ from pathlib import Path
 import click
 import torch
 
+from phi3v_data.safe_io import describe_os_error
+
 TINY_BASE_VOCAB = 1000
 NUM_CROPS = 4
 
@@ -273,7 +275,13 @@ def make_tiny(out_dir: Path, seed: int = 0, *, overwrite: bool = False) -> Path:
 
 @click.command("make-tiny")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--seed", type=int, default=0, show_default=True, help="Weight initialisation seed.")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**32 - 1),
+    default=0,
+    show_default=True,
+    help="Weight initialisation seed (0..2**32-1).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 def make_tiny_command(out_dir: Path, seed: int, overwrite: bool) -> None:
     """Write the built-in tiny Phi-3.5-vision preset (model + tokenizer + processor) to OUT_DIR."""
@@ -282,7 +290,8 @@ def make_tiny_command(out_dir: Path, seed: int, overwrite: bool) -> None:
     except FileExistsError as error:
         raise click.ClickException(f"{error} (pass --overwrite to replace it)") from None
     except OSError as error:
-        raise click.ClickException(f"{out_dir}: cannot write the tiny preset: {error}") from None
+        reason = describe_os_error(error)
+        raise click.ClickException(f"{out_dir}: cannot write the tiny preset: {reason}") from None
     click.echo(f"wrote the tiny Phi-3.5-vision preset to {path}")
 
 

@@ -44,9 +44,11 @@ from typing import Any
 import click
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader, Sampler
 
 from phi3v_data.atomic import write_atomic
+from phi3v_data.safe_io import describe_os_error
 from phi3v_train.config import (
     DEEPSPEED_PRESETS,
     DEFAULT_NUM_CROPS,
@@ -154,6 +156,162 @@ def resolve_attention(config: TrainConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# model source and output directory (before any model is loaded)
+# ------------------------------------------------------------------------------------------------
+
+#: What the trainer writes at the top of OUT: ``--overwrite`` removes these and nothing else.
+OWNED_NAMES = frozenset(
+    {
+        "train_config.yaml",
+        "trainer_state.json",
+        "eval_before.json",
+        "eval_after.json",
+        "loss_curve.png",
+        "logs",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "processor_config.json",
+        "preprocessor_config.json",
+    }
+)
+_OWNED_PATTERNS = ("model-*-of-*.safetensors", "checkpoint-*", ".save-*")
+#: Written when a run starts, before its first checkpoint: a rerun of the same configuration with
+#: --resume may continue beside them (they are this same run's).
+_START_NAMES = frozenset({"train_config.yaml", "eval_before.json", "logs"})
+
+
+def model_source(config: TrainConfig) -> str:
+    """The checked model source (local safetensors folder, cached snapshot or reachable hub id)."""
+    from phi3v_train.model_source import ModelSourceError, resolve_model_source
+
+    try:
+        return resolve_model_source(config.model_name_or_path)
+    except ModelSourceError as error:
+        raise TrainingError(str(error)) from None
+
+
+def owned_entries(out: Path) -> list[Path]:
+    """What a previous run of the trainer left in ``out`` (only names the trainer writes)."""
+    if not out.is_dir():
+        return []
+    found = {out / name for name in OWNED_NAMES if (out / name).exists()}
+    for pattern in _OWNED_PATTERNS:
+        found.update(out.glob(pattern))
+    if (out / "adapter_config.json").exists() and (out / "README.md").is_file():
+        found.add(out / "README.md")  # PEFT's model card beside the adapter
+    return sorted(found)
+
+
+def _same_run_restarted(config: TrainConfig, out: Path, used: list[Path]) -> bool:
+    """Only start files are there and train_config.yaml is this very configuration."""
+    if {path.name for path in used} - _START_NAMES or not (out / "train_config.yaml").is_file():
+        return False
+    try:
+        previous = yaml.safe_load((out / "train_config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    current = yaml.safe_load(config.to_yaml())
+    if not isinstance(previous, dict):
+        return False
+    previous.pop("resume", None)
+    current.pop("resume", None)
+    return previous == current
+
+
+def check_output_dir(config: TrainConfig, resume_from: Path | None) -> list[Path]:
+    """Refuse an output_dir that would lose data; return what must be removed before starting.
+
+    - a file where the directory belongs, or an output_dir equal to, inside or containing a local
+      ``--model_name_or_path`` (the base weights would be overwritten or deleted);
+    - an output_dir holding a previous run's outputs, unless ``--resume`` continues it or
+      ``--overwrite`` asks to remove them (only the trainer's own files, :data:`OWNED_NAMES`);
+      a resumed run removes the previous ``eval_after.json`` (a result of another state).
+    """
+    out = config.output_dir
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"{out}: --output_dir: exists and is not a directory")
+    model = Path(config.model_name_or_path).expanduser()
+    if model.is_dir():
+        out_real, model_real = out.resolve(), model.resolve()
+        if out_real == model_real or model_real in out_real.parents:
+            raise TrainingError(
+                f"{out}: --output_dir is (inside) --model_name_or_path {model}: the base model "
+                "would be overwritten; choose another output directory"
+            )
+        if out_real in model_real.parents:
+            raise TrainingError(
+                f"{out}: --output_dir contains --model_name_or_path {model}: the base model would "
+                "be mixed with (or removed as) the run's outputs; choose another output directory"
+            )
+    used = owned_entries(out)
+    if not used:
+        return []
+    if config.overwrite:
+        return used
+    if resume_from is not None:
+        return [path for path in used if path.name == "eval_after.json"]
+    if config.resume is not None and _same_run_restarted(config, out, used):
+        return []
+    names = ", ".join(path.name for path in used[:4]) + (", ..." if len(used) > 4 else "")
+    found = "no complete checkpoint to resume from, and " if config.resume is not None else ""
+    raise TrainingError(
+        f"{out}: --output_dir: {found}holds a previous run's outputs ({names}); pass "
+        + (
+            "--overwrite to replace them"
+            if found
+            else "--resume to continue that run or "
+            "--overwrite to replace them (only the trainer's own files are removed)"
+        )
+    )
+
+
+def _free_bytes_needed(config: TrainConfig, source: str) -> int:
+    """A lower bound of what the run writes: the weights once under full fine-tuning."""
+    if config.lora:
+        return 0
+    return sum(path.stat().st_size for path in Path(source).glob("*.safetensors"))
+
+
+def prepare_output_dir(config: TrainConfig, source: str, to_remove: list[Path], log) -> None:
+    """Rank 0, before the long work: create OUT, prove it writable with room for the model,
+    remove what ``check_output_dir`` chose, write train_config.yaml (all one-line errors)."""
+    import shutil
+    import tempfile
+
+    out = config.output_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(dir=out, prefix=".phi3v-write-test-")
+        os.close(descriptor)
+        os.unlink(probe)
+        needed = _free_bytes_needed(config, source)
+        free = shutil.disk_usage(out).free
+        if free < needed:
+            raise TrainingError(
+                f"{out}: --output_dir: {free / 2**20:.0f} MiB free, the trained model alone "
+                f"needs {needed / 2**20:.0f} MiB"
+            )
+        for path in to_remove:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if to_remove and config.overwrite:
+            log(f"--overwrite: removed the previous run's {len(to_remove)} output(s) from {out}")
+        write_atomic(out / "train_config.yaml", config.to_yaml().encode("utf-8"))
+    except OSError as error:
+        raise TrainingError(f"--output_dir: cannot write: {describe_os_error(error)}") from None
+
+
+# ------------------------------------------------------------------------------------------------
 # data order
 # ------------------------------------------------------------------------------------------------
 
@@ -231,7 +389,7 @@ def effective_warmup(config: TrainConfig, total_steps: int) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def load_model(config: TrainConfig, attn: str, device: torch.device):
+def load_model(config: TrainConfig, attn: str, device: torch.device, source: str | None = None):
     from transformers import AutoModelForCausalLM
 
     import phi3v_train  # noqa: F401  (registers phi3_v with the Auto classes)
@@ -243,8 +401,9 @@ def load_model(config: TrainConfig, attn: str, device: torch.device):
     if config.use_qlora:
         options["quantization_config"] = quantization_config(config, device)
         options["device_map"] = {"": device}
+    options["use_safetensors"] = True  # never a pickle (model_source checked there are some)
     try:
-        return AutoModelForCausalLM.from_pretrained(config.model_name_or_path, **options)
+        return AutoModelForCausalLM.from_pretrained(source or config.model_name_or_path, **options)
     except (OSError, ValueError) as error:
         raise _loading_error(config, error) from None
 
@@ -255,13 +414,15 @@ def _loading_error(config: TrainConfig, error: Exception) -> TrainingError:
     return TrainingError(f"{config.model_name_or_path}: --model_name_or_path: {first}")
 
 
-def load_processor(config: TrainConfig, num_crops: int):
+def load_processor(config: TrainConfig, num_crops: int, source: str | None = None):
     from transformers import AutoProcessor
 
     import phi3v_train  # noqa: F401
 
     try:
-        return AutoProcessor.from_pretrained(config.model_name_or_path, num_crops=num_crops)
+        return AutoProcessor.from_pretrained(
+            source or config.model_name_or_path, num_crops=num_crops
+        )
     except (OSError, ValueError) as error:
         raise _loading_error(config, error) from None
 
@@ -322,23 +483,24 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
     eval_split, num_crops = check_dataset(config, is_main)
     attn = resolve_attention(config)
     resume_from = _resume_path(config)
+    source = model_source(config)
+    to_remove = check_output_dir(config, resume_from)
 
     # 2. processes ---------------------------------------------------------------------------
     dist = setup_distributed(use_deepspeed=bool(config.deepspeed))
     log = _logger(dist.is_main)
     out = config.output_dir
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(config, source, to_remove, log)
         for stale in ckpt.remove_incomplete(out):
             log(f"removed incomplete checkpoint {stale}")
-        write_atomic(out / "train_config.yaml", config.to_yaml().encode("utf-8"))
     barrier()
     if config.use_flash_attention:
         log(f"attention: {attn}" + ("" if attn == "flash_attention_2" else " (flash_attn absent)"))
     _seed_everything(config.seed)
 
     # 3. processor, data and model ---------------------------------------------------------
-    processor = load_processor(config, num_crops)
+    processor = load_processor(config, num_crops, source)
     records = read_split(config.data_dir, config.train_split)
     dataset = TrainDataset(
         records, processor, images_root(config.data_dir), max_seq_len=config.max_seq_len
@@ -354,7 +516,7 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
         raise TrainingError(f"{config.data_dir}: no training record left to train on")
     collator = TrainCollator(pad_token_id=processor.tokenizer.pad_token_id)
 
-    model = load_model(config, attn, dist.device)
+    model = load_model(config, attn, dist.device, source)
     if not config.use_qlora:
         model.to(dist.device)
     autocast = _autocast(config, dist.device, deepspeed=bool(config.deepspeed))
@@ -423,7 +585,7 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
                 scaler=scaler,
                 engine=engine,
             )
-        except ValueError as error:
+        except ValueError as error:  # CheckpointError: one line naming the file
             raise TrainingError(str(error)) from None
         log(f"resumed from {resume_from} at step {state.global_step}")
     elif config.resume == "auto":
@@ -480,6 +642,14 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
                     scaled.backward()
             if not boundary:
                 continue
+            step_loss = all_reduce_mean(sum(window_losses) / len(window_losses), dist.device)
+            window_losses = []
+            if not math.isfinite(step_loss):  # same value on every rank: all stop together
+                raise TrainingError(
+                    f"step {state.global_step + 1}: the training loss is {step_loss}; stopped "
+                    "before the optimizer step, nothing of this step was saved (lower "
+                    "--learning_rate, try --bf16 or check the data)"
+                )
             if engine is not None:
                 engine.step()
             else:
@@ -494,8 +664,6 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
-            step_loss = all_reduce_mean(sum(window_losses) / len(window_losses), dist.device)
-            window_losses = []
             state.losses.append([state.global_step, step_loss])
             lr = scheduler.get_last_lr()[0]
             if writer is not None:
@@ -510,7 +678,8 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
                 state.epoch += 1
                 state.batches_done = 0
             if config.save_steps and state.global_step % config.save_steps == 0:
-                path = ckpt.save_checkpoint(
+                path = _save_checkpoint(
+                    ckpt,
                     out,
                     state,
                     dist=dist,
@@ -642,13 +811,36 @@ def _evaluate(model, processor, config, split, path, autocast, log) -> None:
             max_samples=config.eval_max_samples,
         )
     if int(os.environ.get("RANK", "0")) == 0:
-        result.write_json(path)
+        try:
+            result.write_json(path)
+        except OSError as error:
+            raise TrainingError(f"cannot write {path.name}: {describe_os_error(error)}") from None
         log(f"{path.stem} ({split}):\n{result.format_table()}")
     model.train(was_training)
 
 
+def _save_checkpoint(ckpt, out: Path, state, **options) -> Path:
+    """``ckpt.save_checkpoint`` with a write failure (disk full, read-only) as one line."""
+    try:
+        return ckpt.save_checkpoint(out, state, **options)
+    except OSError as error:
+        partial = out / f"{ckpt.CHECKPOINT_PREFIX}{state.global_step}{ckpt.TMP_SUFFIX}"
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+        raise TrainingError(
+            f"step {state.global_step}: cannot write the checkpoint: {describe_os_error(error)}"
+        ) from None
+
+
 def _save_outputs(model, processor, config, state, out, dist, engine, log) -> None:
-    """Model (official layout) or adapter, processor files, loss curve: atomically per file."""
+    """Model (official layout) or adapter, processor files, loss curve: atomically per file.
+
+    Everything is written into ``OUT/.save-<pid>/`` first and then renamed into OUT file by file,
+    so a failure (disk full, read-only) leaves either the previous file or the new one.
+    """
+    import shutil
+
     from phi3v_train.distributed import barrier
 
     state_dict = None
@@ -658,10 +850,24 @@ def _save_outputs(model, processor, config, state, out, dist, engine, log) -> No
         options = {"save_embedding_layers": False} if config.lora else {}
         if state_dict is not None:
             options["state_dict"] = state_dict
-        model.save_pretrained(str(out), **options)
-        processor.save_pretrained(str(out))
-        _plot_losses(state.losses, out / "loss_curve.png")
-        state.write(out / "trainer_state.json")
+        staging = out / f".save-{os.getpid()}"
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            model.save_pretrained(str(staging), **options)
+            processor.save_pretrained(str(staging))
+            for entry in sorted(staging.iterdir()):
+                target = out / entry.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
+            _plot_losses(state.losses, out / "loss_curve.png")
+            state.write(out / "trainer_state.json")
+        except OSError as error:
+            raise TrainingError(
+                f"cannot save the trained model: {describe_os_error(error)}"
+            ) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         kind = "adapter" if config.lora else "model"
         log(f"saved the {kind}, processor, loss_curve.png and train_config.yaml to {out}")
     barrier()
