@@ -478,18 +478,25 @@ def test_unwritable_output_train_merge_make_tiny(
     assert not (tmp_path / "t").exists()
 
 
-def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_partial(
-    model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch
+@pytest.mark.parametrize("where", ["checkpoint", "outputs"])
+def test_disk_full_while_training_is_one_line_and_leaves_no_partial(
+    where: str, model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    from phi3v_train import checkpointing
+    from phi3v_train import checkpointing, train
 
-    monkeypatch.setattr(checkpointing, "save_tree", _fail_with(errno.ENOSPC))
+    if where == "checkpoint":
+        monkeypatch.setattr(checkpointing, "save_tree", _fail_with(errno.ENOSPC))
+        expected = r"step 1: cannot write the checkpoint: .*No space"
+    else:
+        monkeypatch.setattr(train, "_plot_losses", _fail_with(errno.ENOSPC))
+        expected = r"cannot save the trained model: /the/failing/file: No space"
     out = tmp_path / "out"
-    with pytest.raises(TrainingError, match=r"step 1: cannot write the checkpoint: .*No space"):
+    with pytest.raises(TrainingError, match=expected):
         train_in_process(
-            model_dir, data_dir, out, use_lora=True, lora_rank=4, max_steps=1, save_steps=1
-        )
-    assert not list(out.glob("checkpoint-*"))
+            model_dir, data_dir, out, use_lora=True, lora_rank=4, max_steps=1,
+            save_steps=1 if where == "checkpoint" else None,
+        )  # fmt: skip
+    assert not list(out.glob("checkpoint-*")) and not list(out.glob(".save-*"))
 
 
 def _corrupt(checkpoint: Path, case: str) -> Path:
