@@ -48,6 +48,9 @@ def test_help_documents_every_flag() -> None:
         (["--batch_size", "3", "--batch_size_per_gpu", "2"], "batch_size: 3 is not divisible"),
         (["--resume", "/nonexistent/ckpt"], "--resume: not a complete checkpoint"),
         (["--train_split", "nope"], "--train_split: no split 'nope'"),
+        (["--overwrite", "--resume"], "overwrite: --overwrite starts afresh"),
+        (["--learning_rate", "inf"], "learning_rate: Input should be a finite number"),
+        (["--seed", "-1"], "seed: Input should be greater than or equal to 0"),
     ],
 )
 def test_impossible_combinations_are_refused(
