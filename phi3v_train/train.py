@@ -229,7 +229,9 @@ def _same_run_restarted(config: TrainConfig, out: Path, used: list[Path]) -> boo
     return previous == current
 
 
-def check_output_dir(config: TrainConfig, resume_from: Path | None) -> list[Path]:
+def check_output_dir(
+    config: TrainConfig, resume_from: Path | None, source: str | None = None
+) -> list[Path]:
     """Refuse an output_dir that would lose data; return what must be removed before starting.
 
     - a file where the directory belongs, or an output_dir equal to, inside or containing a local
@@ -241,7 +243,7 @@ def check_output_dir(config: TrainConfig, resume_from: Path | None) -> list[Path
     out = config.output_dir
     if out.exists() and not out.is_dir():
         raise TrainingError(f"{out}: --output_dir: exists and is not a directory")
-    model = Path(config.model_name_or_path).expanduser()
+    model = Path(source or config.model_name_or_path).expanduser()  # a cached hub id: its folder
     if model.is_dir():
         out_real, model_real = out.resolve(), model.resolve()
         if out_real == model_real or model_real in out_real.parents:
@@ -484,7 +486,7 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
     attn = resolve_attention(config)
     resume_from = _resume_path(config)
     source = model_source(config)
-    to_remove = check_output_dir(config, resume_from)
+    to_remove = check_output_dir(config, resume_from, source)
 
     # 2. processes ---------------------------------------------------------------------------
     dist = setup_distributed(use_deepspeed=bool(config.deepspeed))
