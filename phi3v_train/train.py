@@ -33,6 +33,7 @@ import io
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -185,7 +186,8 @@ OWNED_NAMES = frozenset(
         "preprocessor_config.json",
     }
 )
-_OWNED_PATTERNS = ("model-*-of-*.safetensors", "checkpoint-*", ".save-*")
+#: Numbered names the trainer writes: weight shards, checkpoints (complete or not), staging.
+_OWNED_NUMBERED = re.compile(r"^(model-\d+-of-\d+\.safetensors|checkpoint-\d+(\.tmp)?|\.save-\d+)$")
 #: Written when a run starts, before its first checkpoint: a rerun of the same configuration with
 #: --resume may continue beside them (they are this same run's).
 _START_NAMES = frozenset({"train_config.yaml", "eval_before.json", "logs"})
@@ -206,8 +208,7 @@ def owned_entries(out: Path) -> list[Path]:
     if not out.is_dir():
         return []
     found = {out / name for name in OWNED_NAMES if (out / name).exists()}
-    for pattern in _OWNED_PATTERNS:
-        found.update(out.glob(pattern))
+    found.update(path for path in out.iterdir() if _OWNED_NUMBERED.match(path.name))
     if (out / "adapter_config.json").exists() and (out / "README.md").is_file():
         found.add(out / "README.md")  # PEFT's model card beside the adapter
     return sorted(found)

@@ -354,6 +354,7 @@ def test_used_output_dir_is_refused_then_overwrite_removes_only_owned_files(
     out = _copy_run(trained, tmp_path)
     (out / "eval_before.json").write_text('{"stale": true}')
     (out / "notes.txt").write_text("mine")
+    (out / "checkpoint-notes.txt").write_text("mine too")
     args = train_args(
         model_dir,
         data_dir,
@@ -389,6 +390,7 @@ def test_used_output_dir_is_refused_then_overwrite_removes_only_owned_files(
     assert not (out / "eval_before.json").exists()  # the stale result is gone
     assert not (out / "adapter_config.json").exists()  # the previous run was LoRA, this one not
     assert (out / "notes.txt").read_text() == "mine"  # not the trainer's: kept
+    assert (out / "checkpoint-notes.txt").read_text() == "mine too"
     assert (out / "model.safetensors").is_file()
 
 
