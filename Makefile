@@ -73,8 +73,11 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
 	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	# torch stays the TORCH_SPEC build just installed (an eager upgrade would fetch a CUDA torch).
+	$(LATEST_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" \
+		> $(LATEST_VENV)/torch-pin.txt
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
-		--no-build-isolation -e '.[dev,deepspeed]'
+		--constraint $(LATEST_VENV)/torch-pin.txt --no-build-isolation -e '.[dev,deepspeed]'
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(transformers|peft|bitsandbytes|deepspeed|accelerate|tokenizers)=='
 	$(LATEST_VENV)/bin/python -m pytest -q -x $(SMOKE_TESTS) $(PYTEST_ARGS)
 
