@@ -58,6 +58,7 @@ from typing import Any
 import click
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
 
 from phi3v_data.schema import Record
 from phi3v_train.config import TrainConfig
@@ -218,6 +219,33 @@ class Batch:
         return int(self.inputs["image_sizes"].shape[0])
 
 
+def save_batches(batches: list[Batch], path: Path) -> None:
+    """Tensors to ``path`` (safetensors), sample shapes beside it as JSON: no pickle."""
+    tensors = {
+        f"{i}.{key}": value for i, b in enumerate(batches) for key, value in b.inputs.items()
+    }
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    shapes = [[asdict(shape) for shape in b.shapes] for b in batches]
+    path.with_suffix(".json").write_text(json.dumps(shapes))
+
+
+def load_batches(path: Path) -> list[Batch]:
+    """The batches :func:`save_batches` wrote."""
+    tensors = load_file(str(path))
+    shapes = json.loads(path.with_suffix(".json").read_text())
+    return [
+        Batch(
+            inputs={
+                key.split(".", 1)[1]: value
+                for key, value in tensors.items()
+                if key.split(".", 1)[0] == str(i)
+            },
+            shapes=[SampleShape(**shape) for shape in batch_shapes],
+        )
+        for i, batch_shapes in enumerate(shapes)
+    ]
+
+
 def sample_shape(example: dict[str, Any], crop_size: int) -> SampleShape:
     sizes = example["image_sizes"].tolist()
     crops = sum(1 + (h // crop_size) * (w // crop_size) for h, w in sizes)
@@ -343,7 +371,7 @@ def build_model(config: Phi3VConfig, spec: RunSpec, dtype: torch.dtype) -> torch
 
 
 def quantize_nf4(model: torch.nn.Module, quantization: Any) -> None:
-    """Swap every linear layer but lm_head for a bitsandbytes 4-bit one, in place.
+    """Swap every linear layer but the skipped ones (lm_head, too narrow) for a 4-bit one, in place.
 
     The same layers and settings `from_pretrained(..., quantization_config=...)` gives the trainer
     (transformers keeps the output embedding unquantized), without writing the random weights to
@@ -351,7 +379,7 @@ def quantize_nf4(model: torch.nn.Module, quantization: Any) -> None:
     """
     import bitsandbytes as bnb
 
-    skip = {name for name, module in model.named_modules() if module is model.lm_head}
+    skip = set(quantization.llm_int8_skip_modules)
     for name, module in list(model.named_modules()):
         if not isinstance(module, torch.nn.Linear) or name in skip:
             continue
@@ -381,7 +409,8 @@ def quantize_nf4(model: torch.nn.Module, quantization: Any) -> None:
 def apply_mode(model: torch.nn.Module, spec: RunSpec, train_config: TrainConfig):
     """Freeze / LoRA / QLoRA with the trainer's own code; the model is PEFT-wrapped under LoRA."""
     if train_config.use_qlora:
-        quantize_nf4(model, quantization_config(train_config, torch.device(spec.device)))
+        device = torch.device(spec.device)
+        quantize_nf4(model, quantization_config(train_config, device, model.config))
     if train_config.lora:
         return apply_lora(model, train_config)
     apply_freezing(model, train_config)
@@ -603,7 +632,7 @@ def worker(payload: str) -> None:
     """`--worker` entry: one measurement, its result written as JSON."""
     job = json.loads(payload)
     spec = RunSpec(**job["spec"])
-    batches = torch.load(job["batches"], weights_only=False)
+    batches = load_batches(Path(job["batches"]))
     result = run_in_process(spec, batches)
     Path(job["out"]).write_text(json.dumps(asdict(result)))
 
@@ -786,10 +815,10 @@ def main(
         batches = synthetic_batches(
             processor, work / "images", micro_batch, config.vision_config.image_size
         )
-        batches_file = work / "batches.pt"
+        batches_file = work / "batches.safetensors"
         logs_dir = None
         if isolate:
-            torch.save(batches, batches_file)
+            save_batches(batches, batches_file)
             logs_dir = out.with_name(out.stem + "_logs") if out else work / "logs"
             logs_dir.mkdir(parents=True, exist_ok=True)
 

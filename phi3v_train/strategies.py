@@ -136,16 +136,15 @@ def unquantizable_linears(model_config: Any) -> list[str]:
     ]
 
 
-def quantization_config(config: TrainConfig, device: torch.device) -> Any:
+def quantization_config(config: TrainConfig, device: torch.device, model_config: Any) -> Any:
     """The original's QLoRA quantization: 4-bit nf4, no double quantization; linear layers too
-    narrow for nf4 blocks and ``lm_head`` stay unquantized."""
-    from transformers import AutoConfig, BitsAndBytesConfig
+    narrow for nf4 blocks (of ``model_config``'s model) and ``lm_head`` stay unquantized."""
+    from transformers import BitsAndBytesConfig
 
     if device.type == "cpu":
         compute_dtype = torch.bfloat16 if config.bf16 else torch.float32
     else:
         compute_dtype = torch.bfloat16 if config.bf16 else torch.float16
-    model_config = AutoConfig.from_pretrained(config.model_name_or_path)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

@@ -393,7 +393,7 @@ def effective_warmup(config: TrainConfig, total_steps: int) -> int:
 
 
 def load_model(config: TrainConfig, attn: str, device: torch.device, source: str | None = None):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     import phi3v_train  # noqa: F401  (registers phi3_v with the Auto classes)
     from phi3v_train.strategies import quantization_config
@@ -402,7 +402,8 @@ def load_model(config: TrainConfig, attn: str, device: torch.device, source: str
     # Frozen LoRA bases run in bf16 under --bf16; full fine-tuning keeps fp32 master weights.
     options["dtype"] = torch.bfloat16 if (config.lora and config.bf16) else torch.float32
     if config.use_qlora:
-        options["quantization_config"] = quantization_config(config, device)
+        model_config = AutoConfig.from_pretrained(source or config.model_name_or_path)
+        options["quantization_config"] = quantization_config(config, device, model_config)
         options["device_map"] = {"": device}
     options["use_safetensors"] = True  # never a pickle (model_source checked there are some)
     try:

@@ -118,15 +118,17 @@ def _spec(harness, tmp_path, mode="full"):
 
 def test_an_isolated_run_past_its_timeout_becomes_a_row(harness, tmp_path):
     spec = _spec(harness, tmp_path)
-    row = harness.run_isolated(spec, tmp_path / "b.pt", tmp_path / "run.log", timeout=0.2)
+    row = harness.run_isolated(spec, tmp_path / "b.safetensors", tmp_path / "run.log", timeout=0.2)
     assert (row.mode, row.attn, row.status) == ("full", "sdpa", "timeout")
 
 
 def test_a_crashing_isolated_run_becomes_a_row_with_its_last_message(harness, tmp_path):
     spec = _spec(harness, tmp_path, mode="qlora")
-    row = harness.run_isolated(spec, tmp_path / "absent.pt", tmp_path / "run.log", timeout=120)
+    row = harness.run_isolated(
+        spec, tmp_path / "absent.safetensors", tmp_path / "run.log", timeout=120
+    )
     assert row.status == "crash"
-    assert "exit code 1" in row.error and "absent.pt" in row.error
+    assert "exit code 1" in row.error and "absent.safetensors" in row.error
 
 
 def test_a_failing_measurement_is_a_row_not_an_abort(harness, tmp_path):
@@ -138,7 +140,7 @@ def test_a_failing_measurement_is_a_row_not_an_abort(harness, tmp_path):
 def test_no_run_starts_once_the_budget_is_spent(harness, tmp_path):
     spec = _spec(harness, tmp_path, mode="lora")
     started = time.monotonic() - 10
-    row = harness.run_one(spec, [], tmp_path / "b.pt", None, 60, 5, started)
+    row = harness.run_one(spec, [], tmp_path / "b.safetensors", None, 60, 5, started)
     assert row.status == "skipped" and "budget" in row.error
 
 

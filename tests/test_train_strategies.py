@@ -169,10 +169,11 @@ def test_lora_targets_skip_the_clip_layers_that_never_run(tiny_model_dir: Path) 
 
 
 def test_qlora_keeps_layers_narrower_than_a_block_unquantized(tiny_model_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = TrainConfig(model_name_or_path=str(tiny_model_dir), use_qlora=True, bf16=False)
-    quantization = quantization_config(config, torch.device("cpu"))
+    model_config = AutoConfig.from_pretrained(tiny_model_dir)
+    quantization = quantization_config(config, torch.device("cpu"), model_config)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quantization)
     kinds = {name: type(module).__name__ for name, module in model.named_modules()}
     clip_q = (
