@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml $(LOCK)
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python -m phi3v_train.demo
+	$(BIN)/python -m tools.demo
 
 test: install
 	$(BIN)/ruff check .

@@ -26,9 +26,9 @@ from datetime import UTC, datetime
 import click
 import torch
 
-from phi3v_train.configuration_phi3_v import Phi3VConfig
-from phi3v_train.image_processing_phi3_v import CROP_SIZE, hd_size
-from phi3v_train.modeling_phi3_v import Phi3VImageEmbedding
+from phi3v_train.model.configuration_phi3_v import Phi3VConfig
+from phi3v_train.model.image_processing_phi3_v import CROP_SIZE, hd_size
+from phi3v_train.model.modeling_phi3_v import Phi3VImageEmbedding
 
 # (label, width, height, share of pages in the assumed mix)
 PAGES = [

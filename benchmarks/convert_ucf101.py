@@ -34,14 +34,14 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
-from phi3v_data.builtin_converters.ucf101 import (
+from PIL import Image
+
+from phi3v_data.convert import run_conversion
+from phi3v_data.converters.ucf101 import (
     Ucf101Converter,
     read_sampled_frames,
     sample_indices,
 )
-from PIL import Image
-
-from phi3v_data.convert import run_conversion
 
 NUM_FRAMES = 8
 SIZE = (320, 240)

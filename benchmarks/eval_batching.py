@@ -26,8 +26,8 @@ import click
 import torch
 from PIL import Image
 
-from phi3v_train.evaluate import evaluate_split, load_for_inference
-from phi3v_train.tiny import make_tiny
+from phi3v_train.evaluation.evaluate import evaluate_split, load_for_inference
+from phi3v_train.model.tiny import make_tiny
 
 
 def synthesize(data_dir: Path, records: int, seed: int) -> None:

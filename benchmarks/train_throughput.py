@@ -10,7 +10,7 @@ num_crops 16, about 2443 tokens per sample, micro-batch 1, gradient checkpointin
 For every mode (full fine-tuning, frozen vision, LoRA r64, QLoRA nf4) and attention implementation
 (eager, sdpa, flash_attention_2 when importable) it reports img/s, tokens/s, model TFLOP/s, MFU
 against the GPU's dense bf16 peak and the peak GPU memory (torch.cuda.max_memory_allocated), with
-the warm-up steps excluded from the timing. Model FLOPs are counted by `phi3v_train.flops` (6·N per
+the warm-up steps excluded from the timing. Model FLOPs are counted by `phi3v_train.planning.flops` (6·N per
 token for trained weights, 4·N for frozen weights inside the gradient path, 2·N for frozen weights
 before it, plus attention; no recomputation): about 77 TFLOP per full fine-tuning sample.
 
@@ -27,7 +27,7 @@ What runs:
   prepared once, moved to the device before timing, and reused in a fixed cycle (data loading is
   not part of the measurement);
 - a training step is forward, backward, gradient clipping at 1.0 and an AdamW step, with the
-  modes set up by the trainer's own code (`phi3v_train.strategies`);
+  modes set up by the trainer's own code (`phi3v_train.training.strategies`);
 - every mode x attention combination runs in its own subprocess (`--isolate`, the default on GPU)
   so that an out-of-memory error, a missing bitsandbytes CUDA kernel or a crash becomes a row of
   the table with its error and the other rows still run.
@@ -61,18 +61,23 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
 from phi3v_data.schema import Record
-from phi3v_train.config import TrainConfig
-from phi3v_train.configuration_phi3_v import (
+from phi3v_train.data import TrainCollator, encode_for_training
+from phi3v_train.model.configuration_phi3_v import (
     DEFAULT_EMBD_LAYER,
     DEFAULT_IMG_PROCESSOR,
     Phi3VConfig,
 )
-from phi3v_train.data import TrainCollator, encode_for_training
-from phi3v_train.flops import ModelDims, SampleShape, Training, training_flops
-from phi3v_train.modeling_phi3_v import Phi3VForCausalLM
-from phi3v_train.processing_phi3_v import Phi3VProcessor
-from phi3v_train.strategies import apply_freezing, apply_lora, param_groups, quantization_config
-from phi3v_train.tiny import make_tiny
+from phi3v_train.model.modeling_phi3_v import Phi3VForCausalLM
+from phi3v_train.model.processing_phi3_v import Phi3VProcessor
+from phi3v_train.model.tiny import make_tiny
+from phi3v_train.planning.flops import ModelDims, SampleShape, Training, training_flops
+from phi3v_train.training.config import TrainConfig
+from phi3v_train.training.strategies import (
+    apply_freezing,
+    apply_lora,
+    param_groups,
+    quantization_config,
+)
 
 MODES = ("full", "frozen-vision", "lora", "qlora")
 ATTENTIONS = ("eager", "sdpa", "flash_attention_2")
@@ -352,7 +357,7 @@ def trainer_config(spec: RunSpec) -> TrainConfig:
 
 
 def weights_dtype(spec: RunSpec, train_config: TrainConfig) -> torch.dtype:
-    """The trainer's rule (phi3v_train.train.load_model): under --bf16 a LoRA base is bf16 and
+    """The trainer's rule (phi3v_train.training.train.load_model): under --bf16 a LoRA base is bf16 and
     full fine-tuning keeps fp32 master weights (bf16 autocast); --precision bf16 makes every
     weight bf16 (pure bf16 training: half the memory, no casts)."""
     if not train_config.bf16:

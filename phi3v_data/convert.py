@@ -32,8 +32,7 @@ A converter is a subclass of :class:`Converter` with three class attributes and 
 
     CONVERTER = MyConverter          # module attribute the discovery looks for
 
-Built-in converters are the modules of the top-level ``converters/`` folder (installed as
-``phi3v_data.builtin_converters``; never import it as ``converters``). Third-party packages
+Built-in converters are the modules of the ``phi3v_data.converters`` package. Third-party packages
 register theirs under the entry-point group ``phi3v.converters``
 (``mydata = "my_package.my_module:MyConverter"``). Import heavy libraries (OpenCV, pyarrow) inside
 ``plan``/``convert`` so that ``--list`` stays fast.
@@ -91,7 +90,7 @@ from phi3v_data.schema import DatasetInfo, Record
 from phi3v_data.workers import worker_pool
 
 ENTRY_POINT_GROUP = "phi3v.converters"
-BUILTIN_PACKAGE = "phi3v_data.builtin_converters"
+BUILTIN_PACKAGE = "phi3v_data.converters"
 STATE_DIRNAME = ".phi3v-convert"
 MANIFEST_FILENAME = "manifest.json"
 JOURNAL_FILENAME = "journal.jsonl"

@@ -4,8 +4,8 @@ A record's length is that of its training example (:func:`phi3v_train.data.encod
 every turn's prompt plus its answer.
 
 - **Image tokens** are exact: the processor's own formula
-  (:func:`phi3v_train.image_processing_phi3_v.num_image_tokens` of
-  :func:`~phi3v_train.image_processing_phi3_v.hd_size`), fed with the width and height read from
+  (:func:`phi3v_train.model.image_processing_phi3_v.num_image_tokens` of
+  :func:`~phi3v_train.model.image_processing_phi3_v.hd_size`), fed with the width and height read from
   each image's header (no decode, once per distinct path).
 - **Text tokens** are exact when a tokenizer is given: each turn's prompt is rendered by the
   tokenizer's chat template exactly as in training (system prompt on the first turn, ``<|image_k|>``
@@ -63,7 +63,7 @@ def load_tokenizer(path: Path) -> Any:
     """
     from transformers import AutoTokenizer
 
-    from phi3v_train.registration import register_auto_classes
+    from phi3v_train.model.registration import register_auto_classes
 
     register_auto_classes()
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -86,7 +86,7 @@ class TokenCounter:
     """Counts the tokens of records of one dataset at ``num_crops`` (images under ``root``)."""
 
     def __init__(self, root: Path, num_crops: int, tokenizer: Any | None = None) -> None:
-        from phi3v_train.image_processing_phi3_v import hd_size, num_image_tokens
+        from phi3v_train.model.image_processing_phi3_v import hd_size, num_image_tokens
 
         if not 1 <= num_crops <= 16:
             raise ValueError(f"num_crops must be 1..16, got {num_crops}")
@@ -117,7 +117,7 @@ class TokenCounter:
 
     def _text_tokens(self, record: Record) -> int:
         from phi3v_train.data import ANSWER_SUFFIX, turn_chat
-        from phi3v_train.processing_phi3_v import IMAGE_TAG
+        from phi3v_train.model.processing_phi3_v import IMAGE_TAG
 
         tokenizer, total = self.tokenizer, 0
         for index, turn in enumerate(record.conversations):

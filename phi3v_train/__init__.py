@@ -7,6 +7,6 @@ and the tiny preset load with `trust_remote_code` left off.
 
 from __future__ import annotations
 
-from phi3v_train.registration import register_auto_classes
+from phi3v_train.model.registration import register_auto_classes
 
 register_auto_classes()

@@ -13,10 +13,10 @@ import click
 from phi3v_data.cli import LazyGroup
 
 SUBCOMMANDS = {
-    "train": "phi3v_train.train:train_command",
-    "eval": "phi3v_train.evaluate:eval_command",
+    "train": "phi3v_train.training.train:train_command",
+    "eval": "phi3v_train.evaluation.evaluate:eval_command",
     "merge": "phi3v_train.merge:merge_command",
-    "make-tiny": "phi3v_train.tiny:make_tiny_command",
+    "make-tiny": "phi3v_train.model.tiny:make_tiny_command",
 }
 DEFAULT_COMMAND = "train"
 

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from phi3v_data.safe_io import describe_os_error
-from phi3v_train.evaluate import STOP_TOKENS, error_headline, has_processor
+from phi3v_train.evaluation.evaluate import STOP_TOKENS, error_headline, has_processor
 from phi3v_train.model_source import ModelSourceError, check_adapter, resolve_model_source
 
 #: The alias of ``model.embed_tokens.weight`` that the official code exposes; never written.

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from phi3v_data.builtin_converters.ucf101 import Ucf101Converter
 from ucf101_helpers import REPO_ROOT, run_cli, tree_digest
 
 from phi3v_data.convert import STATE_DIRNAME, run_conversion
+from phi3v_data.converters.ucf101 import Ucf101Converter
 from phi3v_data.synth import synth_ucf101
 from phi3v_data.validate import validate_dataset
 

@@ -28,10 +28,10 @@ from image_converter_helpers import (
     tree_bytes,
     write_image,
 )
-from phi3v_data.builtin_converters.docvqa import page_name, question_id
 from PIL import Image
 
 from phi3v_data.convert import convert_command
+from phi3v_data.converters.docvqa import page_name, question_id
 
 
 def _record(qid: int, doc: str, page: str, question: str, answers: list[str] | None) -> dict:

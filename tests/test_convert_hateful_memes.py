@@ -19,7 +19,8 @@ from image_converter_helpers import (
     write_image,
     write_jsonl,
 )
-from phi3v_data.builtin_converters.hateful_memes import meme_id
+
+from phi3v_data.converters.hateful_memes import meme_id
 
 SPLITS = ["train", "dev_seen", "dev_unseen", "test_seen", "test_unseen"]
 

@@ -32,8 +32,8 @@ def _expand(rle: list[list[int]]) -> list[int]:
 def _official_processor(reference_dir: Path, num_crops: int):
     from transformers import PreTrainedTokenizerFast
 
-    from phi3v_train.image_processing_phi3_v import Phi3VImageProcessor
-    from phi3v_train.processing_phi3_v import Phi3VProcessor
+    from phi3v_train.model.image_processing_phi3_v import Phi3VImageProcessor
+    from phi3v_train.model.processing_phi3_v import Phi3VProcessor
 
     official = reference_dir / "official"
     settings = json.loads((official / "tokenizer_config.json").read_text(encoding="utf-8"))

@@ -21,7 +21,7 @@ CHANCE = 0.25
 def test_quick_demo_learns_far_above_chance(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "phi3v_train.demo", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "tools.demo", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,

@@ -13,16 +13,16 @@ from click.testing import CliRunner
 from PIL import Image
 
 from phi3v_data.dataset import DatasetError
-from phi3v_train import metrics
 from phi3v_train.data import GenerationCollator, encode_for_generation
-from phi3v_train.evaluate import (
+from phi3v_train.evaluation import metrics
+from phi3v_train.evaluation.evaluate import (
     answer_token_id,
     eval_command,
     evaluate_split,
     generate_batch,
     load_for_inference,
 )
-from phi3v_train.tiny import make_tiny
+from phi3v_train.model.tiny import make_tiny
 
 BIN = Path(sys.executable).parent
 PHI3V_TRAIN = str(BIN / "phi3v-train")

@@ -1,11 +1,11 @@
-"""Model FLOP counting (phi3v_train.flops) against hand-derived figures."""
+"""Model FLOP counting (phi3v_train.planning.flops) against hand-derived figures."""
 
 from __future__ import annotations
 
 import pytest
 
-from phi3v_train.configuration_phi3_v import Phi3VConfig
-from phi3v_train.flops import ModelDims, SampleShape, Training, training_flops
+from phi3v_train.model.configuration_phi3_v import Phi3VConfig
+from phi3v_train.planning.flops import ModelDims, SampleShape, Training, training_flops
 
 FULL = Training("full", "full", "full", "full")
 FROZEN_VISION = Training("frozen", "full", "full", "full")

@@ -15,15 +15,15 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-from phi3v_train.config import TrainConfig
 from phi3v_train.merge import (
     SHARED_EMBEDDING_ALIAS,
     checkpoint_shapes,
     merge_adapter,
     merge_command,
 )
-from phi3v_train.strategies import apply_lora
-from phi3v_train.tiny import make_tiny
+from phi3v_train.model.tiny import make_tiny
+from phi3v_train.training.config import TrainConfig
+from phi3v_train.training.strategies import apply_lora
 
 PHI3V_TRAIN = str(Path(sys.executable).parent / "phi3v-train")
 
@@ -153,8 +153,8 @@ def test_merged_keys_equal_the_official_checkpoint(
     base_dir: Path, reference_dir: Path, tmp_path: Path
 ) -> None:
     """Base = the official implementation's tiny weights; merged key set and shapes must match."""
-    from phi3v_train.configuration_phi3_v import Phi3VConfig
-    from phi3v_train.modeling_phi3_v import Phi3VForCausalLM
+    from phi3v_train.model.configuration_phi3_v import Phi3VConfig
+    from phi3v_train.model.modeling_phi3_v import Phi3VForCausalLM
 
     tiny_reference = reference_dir / "tiny_model"
     config = json.loads((tiny_reference / "config.json").read_text())
@@ -205,8 +205,8 @@ def test_merge_errors_leave_out_untouched(base_dir: Path, tmp_path: Path) -> Non
     assert not out.exists()
 
     # an adapter of another base model (MLP width 96 instead of 128) fails cleanly
-    from phi3v_train.configuration_phi3_v import Phi3VConfig
-    from phi3v_train.modeling_phi3_v import Phi3VForCausalLM
+    from phi3v_train.model.configuration_phi3_v import Phi3VConfig
+    from phi3v_train.model.modeling_phi3_v import Phi3VForCausalLM
 
     config = Phi3VConfig.from_pretrained(base_dir)
     config.intermediate_size = 96

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from phi3v_train import metrics
+from phi3v_train.evaluation import metrics
 
 
 @pytest.mark.parametrize(

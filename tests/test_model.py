@@ -21,11 +21,11 @@ from transformers import (
 )
 
 import phi3v_train  # noqa: F401  (registers phi3_v with the Auto classes)
-from phi3v_train.configuration_phi3_v import Phi3VConfig
-from phi3v_train.image_processing_phi3_v import Phi3VImageProcessor
-from phi3v_train.modeling_phi3_v import Phi3VForCausalLM, image_placeholder_mask
-from phi3v_train.processing_phi3_v import Phi3VProcessor
-from phi3v_train.tiny import make_tiny
+from phi3v_train.model.configuration_phi3_v import Phi3VConfig
+from phi3v_train.model.image_processing_phi3_v import Phi3VImageProcessor
+from phi3v_train.model.modeling_phi3_v import Phi3VForCausalLM, image_placeholder_mask
+from phi3v_train.model.processing_phi3_v import Phi3VProcessor
+from phi3v_train.model.tiny import make_tiny
 
 PROMPT = "<|user|>\n<|image_1|>\n{question}<|end|>\n<|assistant|>\n"
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 import phi3v_train  # noqa: F401  (registers phi3_v with the Auto classes)
-from phi3v_train.tiny import make_tiny
+from phi3v_train.model.tiny import make_tiny
 
 pytestmark = pytest.mark.gpu
 

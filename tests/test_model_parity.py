@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import GenerationConfig
 
-from phi3v_train.configuration_phi3_v import Phi3VConfig
-from phi3v_train.modeling_phi3_v import Phi3VForCausalLM
+from phi3v_train.model.configuration_phi3_v import Phi3VConfig
+from phi3v_train.model.modeling_phi3_v import Phi3VForCausalLM
 
 WEIGHT_SETS = {
     "std0.02": ("model.safetensors", "model_cases"),

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor
 
 import phi3v_train  # noqa: F401  (registers phi3_v with the Auto classes)
-from phi3v_train.image_processing_phi3_v import Phi3VImageProcessor, hd_size, num_image_tokens
+from phi3v_train.model.image_processing_phi3_v import Phi3VImageProcessor, hd_size, num_image_tokens
 
 
 def expand_rle(pairs: list[list[int]]) -> list[int]:

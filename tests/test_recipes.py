@@ -14,9 +14,9 @@ from PIL import Image
 # dataset builders shared with the evaluation tests (tests/ is on sys.path under pytest)
 from test_evaluate import PHI3V_TRAIN, docvqa_like, ucf_like
 
-from phi3v_train.config import TrainConfig, load_yaml
-from phi3v_train.evaluate import eval_command
-from phi3v_train.tiny import make_tiny
+from phi3v_train.evaluation.evaluate import eval_command
+from phi3v_train.model.tiny import make_tiny
+from phi3v_train.training.config import TrainConfig, load_yaml
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DATASETS = ("docvqa", "hateful_memes", "nlvr2", "ucf101")
@@ -171,7 +171,7 @@ def test_lora_recipe_output_evaluates_with_adapter(recipe_runs: dict, tmp_path: 
 
 def test_merged_lora_recipe_output_scores_like_the_adapter(recipe_runs: dict, tmp_path: Path):
     """Train (recipe) -> merge -> evaluate the merged directory: the trainer's eval_after again."""
-    from phi3v_train.evaluate import evaluate_split, load_for_inference
+    from phi3v_train.evaluation.evaluate import evaluate_split, load_for_inference
     from phi3v_train.merge import merge_adapter
 
     run = recipe_runs["docvqa-lora"]

@@ -314,7 +314,7 @@ def test_environment_errors_abort_and_a_rerun_converts_everything(
 def test_environment_error_reading_a_source_image_aborts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    from phi3v_data.builtin_converters import _image_records
+    from phi3v_data.converters import _image_records
 
     src, out = tmp_path / "src", tmp_path / "out"
     _memes(src, 3)

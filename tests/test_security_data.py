@@ -128,7 +128,7 @@ def test_image_attack_stops_training_with_one_line_even_in_a_worker(
 
 
 def test_eval_worker_error_is_picklable_and_names_the_record(model_dir, tmp_path: Path):
-    from phi3v_train.evaluate import evaluate_split, load_for_inference
+    from phi3v_train.evaluation.evaluate import evaluate_split, load_for_inference
 
     data_dir = toy(tmp_path / "d")
     attack_image(data_dir, "fifo", name="val_blue.png")
@@ -286,7 +286,7 @@ def test_ctrl_c_during_parallel_validate_leaves_no_worker(many_images: Path, tri
 def test_eval_out_unwritable_refused_before_evaluating(
     model_dir, tmp_path: Path, monkeypatch, case: str
 ):
-    from phi3v_train import evaluate
+    from phi3v_train.evaluation import evaluate
 
     data_dir = toy(tmp_path / "d")
     out = tmp_path / "eval.json"
@@ -314,7 +314,7 @@ def test_eval_out_unwritable_refused_before_evaluating(
 def test_eval_disk_full_at_the_end_keeps_the_metrics_on_screen(
     model_dir, tmp_path: Path, monkeypatch
 ):
-    from phi3v_train import evaluate
+    from phi3v_train.evaluation import evaluate
 
     data_dir = toy(tmp_path / "d")
     out = tmp_path / "eval.json"

@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from train_helpers import base_args, run_cli, tiny_model, train_in_process, write_dataset
 
 from phi3v_train.cli import group
-from phi3v_train.train import TrainingError
+from phi3v_train.training.train import TrainingError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HUB_ID = "nobody-here/no-such-model-4711"
@@ -279,7 +279,7 @@ def test_pickle_only_adapter_refused_by_eval_and_merge(
 
 
 def test_deepspeed_folder_not_signed_by_us_is_refused(tmp_path: Path, monkeypatch) -> None:
-    from phi3v_train import checkpointing as ckpt
+    from phi3v_train.training import checkpointing as ckpt
 
     monkeypatch.setenv(ckpt.KEY_FILE_ENV, str(tmp_path / "key"))
     checkpoint = tmp_path / "checkpoint-1"
@@ -447,7 +447,7 @@ def test_unwritable_output_train_merge_make_tiny(
     import tempfile
 
     import phi3v_train.merge
-    import phi3v_train.tiny
+    import phi3v_train.model.tiny
 
     reason = os.strerror(code)
     # train: proved writable before any model loads
@@ -473,7 +473,7 @@ def test_unwritable_output_train_merge_make_tiny(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.merge-")]
     # make-tiny
     with monkeypatch.context() as patch:
-        patch.setattr(phi3v_train.tiny, "write_tiny", _fail_with(code))
+        patch.setattr(phi3v_train.model.tiny, "write_tiny", _fail_with(code))
         result = invoke(["make-tiny", tmp_path / "t"])
     assert result.exit_code != 0
     assert reason in one_line_error(result.output)
@@ -484,7 +484,7 @@ def test_unwritable_output_train_merge_make_tiny(
 def test_disk_full_while_training_is_one_line_and_leaves_no_partial(
     where: str, model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    from phi3v_train import checkpointing, train
+    from phi3v_train.training import checkpointing, train
 
     if where == "checkpoint":
         monkeypatch.setattr(checkpointing, "save_tree", _fail_with(errno.ENOSPC))

@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 import phi3v_train  # noqa: F401  (registers phi3_v with the Auto classes)
-from phi3v_train.tiny import CHAT_TEMPLATE, make_tiny, official_added_tokens
+from phi3v_train.model.tiny import CHAT_TEMPLATE, make_tiny, official_added_tokens
 
 EXPECTED_FILES = {
     "config.json",

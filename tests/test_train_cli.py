@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from train_helpers import run_cli, write_dataset
 
 from phi3v_train.cli import group
-from phi3v_train.config import TrainConfig
+from phi3v_train.training.config import TrainConfig
 
 MISSING_MODEL = "/nonexistent/model"  # reaching the model loader would fail differently
 

@@ -79,7 +79,7 @@ def test_sigkill_and_resume_is_bit_identical(
 def test_epoch_sampler_shards_evenly_and_skips_exactly(size: int, world: int) -> None:
     """Every rank gets as many samples, all samples are covered, the order depends only on
     (seed, epoch), and a resumed sampler is the suffix of the uninterrupted one."""
-    from phi3v_train.train import EpochSampler
+    from phi3v_train.training.train import EpochSampler
 
     def shard(rank: int, epoch: int = 0, skip: int = 0) -> list[int]:
         return list(EpochSampler(size, seed=5, epoch=epoch, rank=rank, world_size=world, skip=skip))
@@ -101,7 +101,7 @@ def test_state_trees_round_trip_exactly_without_pickle(tmp_path: Path) -> None:
     import numpy as np
     import torch
 
-    from phi3v_train.checkpointing import (
+    from phi3v_train.training.checkpointing import (
         capture_rng_state,
         load_tree,
         restore_rng_state,

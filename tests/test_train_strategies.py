@@ -12,8 +12,12 @@ import yaml
 from safetensors.torch import load_file
 from train_helpers import base_args, run_cli, tiny_model, train_in_process, write_dataset
 
-from phi3v_train.config import TrainConfig
-from phi3v_train.strategies import CLIP_LORA_TARGETS, lora_target_modules, quantization_config
+from phi3v_train.training.config import TrainConfig
+from phi3v_train.training.strategies import (
+    CLIP_LORA_TARGETS,
+    lora_target_modules,
+    quantization_config,
+)
 
 CLIP_WEIGHT = "model.vision_embed_tokens.img_processor.vision_model.encoder.layers.0.mlp.fc1.weight"
 PROJECTOR_WEIGHT = "model.vision_embed_tokens.img_projection.0.weight"

@@ -11,14 +11,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from phi3v_data.builtin_converters import ucf101
-from phi3v_data.builtin_converters.ucf101 import (
-    Ucf101Converter,
-    read_class_index,
-    read_sampled_frames,
-    read_split_list,
-    sample_indices,
-)
 from ucf101_helpers import (
     counted_index,
     counting_frame,
@@ -31,6 +23,14 @@ from ucf101_helpers import (
 )
 
 from phi3v_data.convert import run_conversion
+from phi3v_data.converters import ucf101
+from phi3v_data.converters.ucf101 import (
+    Ucf101Converter,
+    read_class_index,
+    read_sampled_frames,
+    read_split_list,
+    sample_indices,
+)
 from phi3v_data.validate import validate_dataset
 
 PROMPT = "Classify the video into one of the following classes: "

@@ -90,8 +90,8 @@ def run_cli(args: list[str], *, env: dict | None = None, timeout: int = 600, lau
 def train_in_process(model_dir: Path, data: Path, out: Path, **overrides: object) -> list[float]:
     """Train in this process with fast CPU defaults (no eval, no workers, no tensorboard, no
     checkpointing of activations) and ``overrides``; return the logged loss of every step."""
-    from phi3v_train.config import TrainConfig
-    from phi3v_train.train import train
+    from phi3v_train.training.config import TrainConfig
+    from phi3v_train.training.train import train
 
     options: dict = dict(
         model_name_or_path=str(model_dir),
@@ -152,7 +152,7 @@ _TINY_CACHE: dict[str, Path] = {}
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset, written once per test process (call it from a module's fixture)."""
     if "dir" not in _TINY_CACHE:
-        from phi3v_train.tiny import make_tiny
+        from phi3v_train.model.tiny import make_tiny
 
         _TINY_CACHE["dir"] = make_tiny(tmp_path_factory.mktemp("tiny") / "model")
     return _TINY_CACHE["dir"]

@@ -17,10 +17,10 @@ def register_auto_classes() -> None:
         AutoProcessor,
     )
 
-    from phi3v_train.configuration_phi3_v import Phi3VConfig
-    from phi3v_train.image_processing_phi3_v import Phi3VImageProcessor
-    from phi3v_train.modeling_phi3_v import Phi3VForCausalLM
-    from phi3v_train.processing_phi3_v import Phi3VProcessor
+    from phi3v_train.model.configuration_phi3_v import Phi3VConfig
+    from phi3v_train.model.image_processing_phi3_v import Phi3VImageProcessor
+    from phi3v_train.model.modeling_phi3_v import Phi3VForCausalLM
+    from phi3v_train.model.processing_phi3_v import Phi3VProcessor
 
     AutoConfig.register("phi3_v", Phi3VConfig, exist_ok=True)
     AutoModelForCausalLM.register(Phi3VConfig, Phi3VForCausalLM, exist_ok=True)

@@ -46,7 +46,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from phi3v_train.configuration_phi3_v import Phi3VConfig
+from phi3v_train.model.configuration_phi3_v import Phi3VConfig
 
 # Ids below this are not placeholders (the official MAX_INPUT_ID).
 MAX_INPUT_ID = int(1e9)

@@ -1,4 +1,4 @@
-"""The main job on an embedded default: ``make demo`` (``python -m phi3v_train.demo``).
+"""The main job on an embedded default: ``make demo`` (``python -m tools.demo``).
 
 Runs the whole product offline on this machine, each step as the real command a user would type:
 

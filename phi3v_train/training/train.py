@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from phi3v_data.atomic import write_atomic
 from phi3v_data.safe_io import describe_os_error
-from phi3v_train.config import (
+from phi3v_train.training.config import (
     DEEPSPEED_PRESETS,
     DEFAULT_NUM_CROPS,
     TrainConfig,
@@ -396,7 +396,7 @@ def load_model(config: TrainConfig, attn: str, device: torch.device, source: str
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import phi3v_train  # noqa: F401  (registers phi3_v with the Auto classes)
-    from phi3v_train.strategies import quantization_config
+    from phi3v_train.training.strategies import quantization_config
 
     options: dict[str, Any] = {"attn_implementation": attn}
     # Frozen LoRA bases run in bf16 under --bf16; full fine-tuning keeps fp32 master weights.
@@ -459,7 +459,6 @@ def zero_weighted_parameters(parameters: list[torch.nn.Parameter]) -> torch.Tens
 
 def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to bottom on purpose
     from phi3v_data.dataset import images_root, read_split
-    from phi3v_train import checkpointing as ckpt
     from phi3v_train.data import (
         TrainCollator,
         TrainDataset,
@@ -472,7 +471,8 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
         cleanup_distributed,
         setup_distributed,
     )
-    from phi3v_train.strategies import (
+    from phi3v_train.training import checkpointing as ckpt
+    from phi3v_train.training.strategies import (
         apply_freezing,
         apply_lora,
         param_groups,
@@ -728,7 +728,7 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
 
 
 def _resume_path(config: TrainConfig) -> Path | None:
-    from phi3v_train.checkpointing import STATE_FILE, latest_checkpoint
+    from phi3v_train.training.checkpointing import STATE_FILE, latest_checkpoint
 
     if config.resume is None:
         return None
@@ -800,7 +800,7 @@ def _progress(config: TrainConfig, is_main: bool, total: int, done: int):
 
 
 def _evaluate(model, processor, config, split, path, autocast, log) -> None:
-    from phi3v_train.evaluate import evaluate_split
+    from phi3v_train.evaluation.evaluate import evaluate_split
 
     was_training = model.training
     model.eval()

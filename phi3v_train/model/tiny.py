@@ -182,7 +182,7 @@ def build_tiny_tokenizer():
 
 def tiny_config(vocab_size: int, pad_token_id: int):
     """The documented tiny `Phi3VConfig`."""
-    from phi3v_train.configuration_phi3_v import Phi3VConfig
+    from phi3v_train.model.configuration_phi3_v import Phi3VConfig
 
     return Phi3VConfig(
         vocab_size=vocab_size,
@@ -235,9 +235,9 @@ def write_tiny(out_dir: Path, seed: int = 0) -> None:
     """Write every file of the tiny preset into `out_dir` (which must exist)."""
     from transformers import GenerationConfig
 
-    from phi3v_train.image_processing_phi3_v import Phi3VImageProcessor
-    from phi3v_train.modeling_phi3_v import Phi3VForCausalLM
-    from phi3v_train.processing_phi3_v import Phi3VProcessor
+    from phi3v_train.model.image_processing_phi3_v import Phi3VImageProcessor
+    from phi3v_train.model.modeling_phi3_v import Phi3VForCausalLM
+    from phi3v_train.model.processing_phi3_v import Phi3VProcessor
 
     tokenizer = build_tiny_tokenizer()
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")

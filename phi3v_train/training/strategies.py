@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from phi3v_train.config import TrainConfig
+from phi3v_train.training.config import TrainConfig
 
 VISION, PROJECTOR, LLM = "vision", "projector", "llm"
 PARTS = (VISION, PROJECTOR, LLM)

@@ -7,7 +7,7 @@ stops at ``<|end|>`` or ``<|endoftext|>``, and the text after the prompt is the 
 
 Under ``torch.distributed`` every rank evaluates the strided shard ``records[rank::world]`` and the
 per-example results are gathered on every rank (so rank 0 holds them all) before the metrics are
-computed. Which metrics: ``dataset.json`` ``metrics`` unless overridden (:mod:`phi3v_train.metrics`).
+computed. Which metrics: ``dataset.json`` ``metrics`` unless overridden (:mod:`phi3v_train.evaluation.metrics`).
 For AUROC the probability of the positive answer word (``answer_words["1"]``) is read from the
 logits of the first generated position.
 """
@@ -38,10 +38,10 @@ from phi3v_data.dataset import (
 )
 from phi3v_data.safe_io import describe_os_error
 from phi3v_data.schema import DatasetInfo, Record
-from phi3v_train import metrics as metric_fns
-from phi3v_train.config import MAX_NUM_CROPS
 from phi3v_train.data import GenerationCollator, GenerationDataset
 from phi3v_train.distributed import cleanup_distributed, setup_distributed
+from phi3v_train.evaluation import metrics as metric_fns
+from phi3v_train.training.config import MAX_NUM_CROPS
 
 #: Generation stops at the end of the assistant turn or at the end of text.
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")

@@ -1,0 +1,1 @@
+"""Evaluation: generation over a split, and the metrics of the original recipe."""

@@ -1,0 +1,1 @@
+"""Planning: model FLOP counts (and what fits where)."""

@@ -1,0 +1,1 @@
+"""Training: the recipe (``train.py``) and its components (configuration, strategies, checkpoints)."""
