@@ -27,8 +27,18 @@ import torch
 from safetensors import safe_open
 
 from phi3v_data.safe_io import describe_os_error
-from phi3v_train.evaluation.evaluate import STOP_TOKENS, error_headline, has_processor
-from phi3v_train.model_source import ModelSourceError, check_adapter, resolve_model_source
+from phi3v_train.loading import (
+    DTYPES,
+    LoadingError,
+    attach_adapter,
+    check_adapter,
+    check_model,
+    checkpoint_dtype,
+    error_headline,
+    load_pretrained,
+    load_processor,
+    stop_token_ids,
+)
 
 #: The alias of ``model.embed_tokens.weight`` that the official code exposes; never written.
 SHARED_EMBEDDING_ALIAS = "model.vision_embed_tokens.wte.weight"
@@ -39,7 +49,6 @@ AUTO_MAP_FILES = (
     "processor_config.json",
     "tokenizer_config.json",
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class MergeError(Exception):
@@ -61,9 +70,9 @@ def merge_adapter(
     """
     adapter, out = Path(adapter), Path(out)
     try:  # safetensors only, no hub hang: one line before anything loads
-        source = resolve_model_source(base, what="--model")
+        source = check_model(base, what="--model")
         check_adapter(adapter)
-    except ModelSourceError as error:
+    except LoadingError as error:
         raise MergeError(str(error)) from None
     if out.exists() and not out.is_dir():
         raise MergeError(f"{out}: --out: exists and is not a directory")
@@ -93,20 +102,16 @@ def merge_adapter(
 
 
 def _merge_into(base: str, adapter: Path, out: Path, temporary: Path, dtype: str) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
-    saved_dtype = _checkpoint_dtype(model.config) if dtype == "auto" else DTYPES[dtype]
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model = load_pretrained(base, dtype=torch.float32, what="--model")
+    saved_dtype = checkpoint_dtype(model.config) if dtype == "auto" else DTYPES[dtype]
+    merged = attach_adapter(model, adapter).merge_and_unload()
     merged.to(saved_dtype)
     merged.config.dtype = saved_dtype
 
-    processor_source = adapter if has_processor(adapter) else base
-    processor = AutoProcessor.from_pretrained(processor_source)
+    processor = load_processor(base, adapter=adapter, what="--model")
     tokenizer = processor.tokenizer
     generation = merged.generation_config
-    generation.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
+    generation.eos_token_id = stop_token_ids(tokenizer)
     generation.pad_token_id = tokenizer.pad_token_id
 
     merged.save_pretrained(temporary)
@@ -147,13 +152,6 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 shapes[key] = tuple(handle.get_slice(key).get_shape())
     return shapes
-
-
-def _checkpoint_dtype(config) -> torch.dtype:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = DTYPES.get(dtype)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def _check_no_alias(model_dir: Path) -> None:
@@ -208,7 +206,7 @@ def merge_command(base: str, adapter: Path, out: Path, dtype: str, overwrite: bo
     """
     try:
         merge_adapter(base, adapter, out, dtype=dtype, overwrite=overwrite)
-    except MergeError as error:
+    except (MergeError, LoadingError) as error:
         raise click.ClickException(str(error)) from None
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise click.ClickException(

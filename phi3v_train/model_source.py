@@ -1,4 +1,5 @@
-"""Where a model comes from, checked once before anything loads (train, eval, merge).
+"""Where a model comes from, checked once before anything loads: the source checks of
+:mod:`phi3v_train.loading` (its only user; train, eval, merge and plan go through it).
 
 :func:`resolve_model_source` answers, in at most a few seconds and with one line on failure:
 
@@ -29,8 +30,9 @@ CONNECT_TIMEOUT_S = 3.0
 METADATA_TIMEOUT_S = 10.0
 
 
-class ModelSourceError(ValueError):
-    """A model or adapter source that cannot be used; ``str()`` is one line naming it."""
+class LoadingError(ValueError):
+    """A model, adapter, processor or config that cannot be loaded; ``str()`` is one line naming
+    the source, the option it came from and the reason (re-exported by :mod:`phi3v_train.loading`)."""
 
 
 def offline_mode() -> bool:
@@ -55,14 +57,14 @@ def weights_problem(directory: Path, names: list[str]) -> str | None:
 
 def _check_local(path: Path, what: str) -> str:
     if not path.exists():
-        raise ModelSourceError(f"{path}: {what}: no such directory")
+        raise LoadingError(f"{path}: {what}: no such directory")
     if not path.is_dir():
-        raise ModelSourceError(f"{path}: {what}: not a directory")
+        raise LoadingError(f"{path}: {what}: not a directory")
     if not is_regular_file(path / "config.json"):
-        raise ModelSourceError(f"{path}: {what}: no config.json (not a model directory)")
+        raise LoadingError(f"{path}: {what}: no config.json (not a model directory)")
     problem = weights_problem(path, [entry.name for entry in path.iterdir() if entry.is_file()])
     if problem:
-        raise ModelSourceError(f"{problem} ({what})")
+        raise LoadingError(f"{problem} ({what})")
     return str(path)
 
 
@@ -106,13 +108,13 @@ def _check_hub(repo_id: str, what: str) -> str:
     if cached is not None:
         return _check_local(cached, what)
     if offline_mode():
-        raise ModelSourceError(
+        raise LoadingError(
             f"{repo_id}: {what}: not a local directory, not in the Hugging Face cache, and "
             "offline mode is set (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"
         )
     problem = _hub_reachable()
     if problem:
-        raise ModelSourceError(
+        raise LoadingError(
             f"{repo_id}: {what}: not a local directory, not in the Hugging Face cache, and the "
             f"hub cannot be reached: {problem}"
         )
@@ -123,23 +125,23 @@ def _check_hub(repo_id: str, what: str) -> str:
     except Exception as error:  # noqa: BLE001 - hub errors come in many types
         text = str(error).strip()
         reason = text.splitlines()[0] if text else type(error).__name__
-        raise ModelSourceError(f"{repo_id}: {what}: hub lookup failed: {reason}") from None
+        raise LoadingError(f"{repo_id}: {what}: hub lookup failed: {reason}") from None
     names = [sibling.rfilename for sibling in info.siblings or []]
     problem = weights_problem(Path(repo_id), [name for name in names if "/" not in name])
     if problem:
-        raise ModelSourceError(f"{problem} ({what})")
+        raise LoadingError(f"{problem} ({what})")
     return repo_id
 
 
 def resolve_model_source(name: str | Path, *, what: str = "--model_name_or_path") -> str:
-    """The local directory or hub id to load ``name`` from, checked; else ModelSourceError.
+    """The local directory or hub id to load ``name`` from, checked; else LoadingError.
 
     A hub id found in the local cache resolves to the cached snapshot folder, so loading it needs
     no network at all.
     """
     text = str(name)
     if not text.strip():
-        raise ModelSourceError(f"{what}: empty")
+        raise LoadingError(f"{what}: empty")
     if looks_like_path(text):
         return _check_local(Path(text).expanduser(), what)
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -147,31 +149,21 @@ def resolve_model_source(name: str | Path, *, what: str = "--model_name_or_path"
     try:
         validate_repo_id(text)
     except HFValidationError:
-        raise ModelSourceError(
-            f"{text}: {what}: no such directory, and not a valid hub id"
-        ) from None
+        raise LoadingError(f"{text}: {what}: no such directory, and not a valid hub id") from None
     return _check_hub(text, what)
 
 
 def check_adapter(adapter: str | Path, *, what: str = "--adapter") -> Path:
-    """A PEFT adapter directory with safetensors weights; else ModelSourceError."""
+    """A PEFT adapter directory with safetensors weights; else LoadingError."""
     path = Path(adapter)
     if not path.is_dir():
-        raise ModelSourceError(f"{path}: {what}: no such directory")
+        raise LoadingError(f"{path}: {what}: no such directory")
     if not is_regular_file(path / "adapter_config.json"):
-        raise ModelSourceError(
+        raise LoadingError(
             f"{path}: adapter_config.json not found (not a LoRA/DoRA adapter directory; {what})"
         )
     names = [entry.name for entry in path.iterdir() if entry.is_file()]
     problem = weights_problem(path, names)
     if problem:
-        raise ModelSourceError(f"{problem} ({what})")
+        raise LoadingError(f"{problem} ({what})")
     return path
-
-
-def check_sources(model: str | Path, adapter: str | Path | None = None) -> str:
-    """Check a model (and its adapter, when given); return the source to load the model from."""
-    resolved = resolve_model_source(model, what="--model")
-    if adapter is not None:
-        check_adapter(adapter)
-    return resolved

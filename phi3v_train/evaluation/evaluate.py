@@ -41,10 +41,14 @@ from phi3v_data.schema import DatasetInfo, Record
 from phi3v_train.data import GenerationCollator, GenerationDataset
 from phi3v_train.distributed import cleanup_distributed, setup_distributed
 from phi3v_train.evaluation import metrics as metric_fns
+from phi3v_train.loading import (
+    LoadingError,
+    check_adapter,
+    inference_dtype,
+    load_for_inference,
+    stop_token_ids,
+)
 from phi3v_train.training.config import MAX_NUM_CROPS
-
-#: Generation stops at the end of the assistant turn or at the end of text.
-STOP_TOKENS = ("<|end|>", "<|endoftext|>")
 
 
 @dataclass
@@ -226,12 +230,11 @@ def generate_batch(
 ) -> tuple[list[str], list[float | None]]:
     """Greedy answers for one left-padded batch, and P(positive token) at the first step."""
     inputs = _to_model(batch, model)
-    stop_ids = [tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
     output = model.generate(
         **inputs,
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=stop_ids,
+        eos_token_id=stop_token_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         return_dict_in_generate=True,
         output_logits=positive_token is not None,
@@ -294,12 +297,6 @@ def _gather(local: list[Any], world: int) -> list[Any]:
     return [item for shard in shards for item in shard or []]
 
 
-def error_headline(error: Exception) -> str:
-    """One line for a library exception: its headline, plus the first detail after a ':'."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [repr(error)]
-    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-
-
 def check_writable(path: Path) -> None:
     """Raise ``OSError`` (or ``IsADirectoryError``) unless a file can be written at ``path``.
 
@@ -321,58 +318,6 @@ def check_writable(path: Path) -> None:
 
 def _finite_or_none(value: float) -> float | None:
     return None if math.isnan(value) else value
-
-
-def load_for_inference(
-    model_path: str | Path,
-    *,
-    adapter: Path | None = None,
-    num_crops: int | None = None,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-) -> tuple[torch.nn.Module, Any]:
-    """Load a model directory (plus an optional LoRA/DoRA adapter) and its processor, in eval mode.
-
-    The processor comes from the adapter directory when the trainer saved one there, else from
-    the model; ``num_crops`` overrides the one in ``preprocessor_config.json``.
-    """
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
-    from phi3v_train.model_source import check_sources
-
-    model_path = check_sources(model_path, adapter)  # safetensors only; no hub hang
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype or torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    processor_source = adapter if adapter is not None and has_processor(adapter) else model_path
-    options = {"num_crops": num_crops} if num_crops is not None else {}
-    processor = AutoProcessor.from_pretrained(processor_source, **options)
-    if device is not None:
-        model.to(device)
-    model.eval()
-    return model, processor
-
-
-def adapter_problem(adapter: Path) -> str | None:
-    """Why ``adapter`` is not a PEFT adapter directory (``path: reason``), or None when it is."""
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        return f"{adapter}: adapter_config.json not found (not a LoRA/DoRA adapter directory)"
-    return None
-
-
-def has_processor(directory: Path) -> bool:
-    """Whether ``directory`` holds processor files (the trainer saves them beside an adapter)."""
-    names = ("processor_config.json", "preprocessor_config.json")
-    return any((Path(directory) / name).is_file() for name in names)
-
-
-def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return getattr(torch, name)
 
 
 @click.command("eval")
@@ -445,8 +390,11 @@ def eval_command(
         split_path(data_dir, split)
     except DatasetError as error:
         raise click.ClickException(str(error)) from None
-    if adapter is not None and adapter_problem(adapter):
-        raise click.ClickException(adapter_problem(adapter))
+    if adapter is not None:
+        try:
+            check_adapter(adapter)
+        except LoadingError as error:
+            raise click.ClickException(str(error)) from None
     out = out or Path(f"eval_{split}.json")
     try:
         check_writable(out)
@@ -461,12 +409,11 @@ def eval_command(
             model_path,
             adapter=adapter,
             num_crops=num_crops,
-            dtype=_pick_dtype(dtype, where.device),
+            dtype=inference_dtype(dtype, where.device),
             device=where.device,
         )
-    except (OSError, ValueError, RuntimeError) as error:
-        message = f"{model_path}: cannot load the model: {error_headline(error)}"
-        raise click.ClickException(message) from None
+    except LoadingError as error:
+        raise click.ClickException(str(error)) from None
     try:
         result = evaluate_split(
             model,

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from phi3v_data.atomic import write_atomic
 from phi3v_data.safe_io import describe_os_error
+from phi3v_train.loading import LoadingError, load_model, load_processor, model_source
 from phi3v_train.training.config import (
     DEEPSPEED_PRESETS,
     DEFAULT_NUM_CROPS,
@@ -96,7 +97,7 @@ def train_command(ctx: click.Context, **params: Any) -> None:
         raise click.UsageError("--data_dir: missing (the dataset directory to train on)")
     try:
         train(config)
-    except TrainingError as error:
+    except (TrainingError, LoadingError) as error:
         click.echo(f"Error: {error}", err=True)
         sys.exit(2)
 
@@ -191,16 +192,6 @@ _OWNED_NUMBERED = re.compile(r"^(model-\d+-of-\d+\.safetensors|checkpoint-\d+(\.
 #: Written when a run starts, before its first checkpoint: a rerun of the same configuration with
 #: --resume may continue beside them (they are this same run's).
 _START_NAMES = frozenset({"train_config.yaml", "eval_before.json", "logs"})
-
-
-def model_source(config: TrainConfig) -> str:
-    """The checked model source (local safetensors folder, cached snapshot or reachable hub id)."""
-    from phi3v_train.model_source import ModelSourceError, resolve_model_source
-
-    try:
-        return resolve_model_source(config.model_name_or_path)
-    except ModelSourceError as error:
-        raise TrainingError(str(error)) from None
 
 
 def owned_entries(out: Path) -> list[Path]:
@@ -392,45 +383,6 @@ def effective_warmup(config: TrainConfig, total_steps: int) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def load_model(config: TrainConfig, attn: str, device: torch.device, source: str | None = None):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    import phi3v_train  # noqa: F401  (registers phi3_v with the Auto classes)
-    from phi3v_train.training.strategies import quantization_config
-
-    options: dict[str, Any] = {"attn_implementation": attn}
-    # Frozen LoRA bases run in bf16 under --bf16; full fine-tuning keeps fp32 master weights.
-    options["dtype"] = torch.bfloat16 if (config.lora and config.bf16) else torch.float32
-    if config.use_qlora:
-        model_config = AutoConfig.from_pretrained(source or config.model_name_or_path)
-        options["quantization_config"] = quantization_config(config, device, model_config)
-        options["device_map"] = {"": device}
-    options["use_safetensors"] = True  # never a pickle (model_source checked there are some)
-    try:
-        return AutoModelForCausalLM.from_pretrained(source or config.model_name_or_path, **options)
-    except (OSError, ValueError) as error:
-        raise _loading_error(config, error) from None
-
-
-def _loading_error(config: TrainConfig, error: Exception) -> TrainingError:
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else type(error).__name__
-    return TrainingError(f"{config.model_name_or_path}: --model_name_or_path: {first}")
-
-
-def load_processor(config: TrainConfig, num_crops: int, source: str | None = None):
-    from transformers import AutoProcessor
-
-    import phi3v_train  # noqa: F401
-
-    try:
-        return AutoProcessor.from_pretrained(
-            source or config.model_name_or_path, num_crops=num_crops
-        )
-    except (OSError, ValueError) as error:
-        raise _loading_error(config, error) from None
-
-
 def deepspeed_config(config: TrainConfig, accumulation: int, device: torch.device) -> dict:
     import json
 
@@ -504,7 +456,7 @@ def train(config: TrainConfig) -> None:  # noqa: C901 - the recipe reads top to 
     _seed_everything(config.seed)
 
     # 3. processor, data and model ---------------------------------------------------------
-    processor = load_processor(config, num_crops, source)
+    processor = load_processor(source, num_crops, name=config.model_name_or_path)
     records = read_split(config.data_dir, config.train_split)
     dataset = TrainDataset(
         records, processor, images_root(config.data_dir), max_seq_len=config.max_seq_len
