@@ -1,6 +1,8 @@
 """``TrainConfig``: every flag of ``phi3v-train`` declared once.
 
-The click options of ``phi3v-train train`` are generated from the fields below (name, type,
+The fields shared with ``eval`` (model, data, output, num_crops, attention, precision, seed,
+generation) come from :class:`phi3v_train.options.SharedOptions`. The click options of
+``phi3v-train train`` are generated from the fields (name, type,
 default, help), so the command line, ``--config FILE.yaml`` and the resolved
 ``OUT/train_config.yaml`` all use the same keys. Precedence: field default < YAML < command line.
 
@@ -11,50 +13,39 @@ Cross-field rules live in :meth:`TrainConfig._check_combinations` and fail befor
 
 from __future__ import annotations
 
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import click
 import yaml
-from click.core import ParameterSource
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+from phi3v_train.options import (
+    DEFAULT_NUM_CROPS,
+    MAX_NUM_CROPS,
+    AttnImpl,
+    SharedOptions,
+    add_param,
+    click_options,
+    command_line_values,
+    format_validation_error,
+)
+
+__all__ = ["DEFAULT_NUM_CROPS", "MAX_NUM_CROPS", "AttnImpl", "TrainConfig", "build_config"]
 
 FreezePart = Literal["vision", "projector", "llm"]
-AttnImpl = Literal["sdpa", "flash_attention_2", "eager"]
 DEEPSPEED_PRESETS = ("zero2", "zero3")
-DEFAULT_NUM_CROPS = 16
-MAX_NUM_CROPS = 16
 
 
-class TrainConfig(BaseModel):
-    """The resolved configuration of one training run."""
-
-    # allow_inf_nan=False: every float option refuses inf / nan (a NaN model would be saved).
-    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
+class TrainConfig(SharedOptions):
+    """The configuration of one training run (the shared options, then training's own)."""
 
     # --- data and model --------------------------------------------------------------------
-    data_dir: Path | None = Field(
-        default=None,
-        description="Dataset directory (conversations-jsonl; checked with `phi3v-data validate` "
-        "before any model is loaded). Required.",
-    )
-    model_name_or_path: str = Field(
-        default="microsoft/Phi-3.5-vision-instruct",
-        description="Model directory (or hub id) in the official Phi-3.5-vision layout.",
-    )
-    output_dir: Path = Field(default=Path("./output/"), description="Where everything is written.")
     train_split: str = Field(default="train", description="Split trained on.")
     eval_split: str | None = Field(
         default=None,
         description="Split evaluated before and after training (default: the first labelled one "
         "of val, dev, dev_seen, test; `none` disables).",
-    )
-    num_crops: int | None = Field(
-        default=None,
-        description=f"Max HD crops per image (1..{MAX_NUM_CROPS}; default: dataset.json's "
-        f"num_crops, else {DEFAULT_NUM_CROPS}).",
     )
     max_seq_len: int | None = Field(
         default=None,
@@ -92,12 +83,6 @@ class TrainConfig(BaseModel):
         "short runs reach the peak learning rate.",
     )
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
-    seed: int = Field(
-        default=42,
-        ge=0,
-        le=2**32 - 1,
-        description="Seed of weights init, data order and dropout (0..2**32-1).",
-    )
     # --- strategy --------------------------------------------------------------------------
     use_lora: bool | None = Field(
         default=None,
@@ -130,19 +115,10 @@ class TrainConfig(BaseModel):
         default=True, description="Non-reentrant gradient checkpointing."
     )
     # --- precision, attention, distribution ---------------------------------------------------
-    bf16: bool = Field(
-        default=False,
-        description="bf16 mixed precision. Without it: fp16 autocast with fp32 master weights and "
-        "a GradScaler on CUDA, plain fp32 on CPU.",
-    )
     use_flash_attention: bool = Field(
         default=False,
         description="flash_attention_2 when the flash_attn package is installed, else SDPA "
         "(needs --bf16).",
-    )
-    attn: AttnImpl | None = Field(
-        default=None,
-        description="Attention implementation (default: sdpa, or what --use_flash_attention picks).",
     )
     deepspeed: str | None = Field(
         default=None,
@@ -171,11 +147,6 @@ class TrainConfig(BaseModel):
         default=False, description="Skip the evaluation before training."
     )
     skip_eval_after: bool = Field(default=False, description="Skip the evaluation after training.")
-    eval_max_samples: int | None = Field(
-        default=None, ge=1, description="Evaluate at most this many samples of the eval split."
-    )
-    eval_batch_size: int = Field(default=8, ge=1, description="Generation batch per process.")
-    max_new_tokens: int = Field(default=64, ge=1, description="Generation length in evaluation.")
     logging_steps: int = Field(default=10, ge=1, description="Log the loss every N steps.")
     report_to: Literal["tensorboard", "none"] = Field(
         default="tensorboard", description="Where metrics go besides the console."
@@ -209,8 +180,6 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"deepspeed: {self.deepspeed!r} is neither zero2, zero3 nor an existing file"
             )
-        if self.num_crops is not None and not 1 <= self.num_crops <= MAX_NUM_CROPS:
-            raise ValueError(f"num_crops: must be between 1 and {MAX_NUM_CROPS}")
         if self.freeze_text_embeddings_with_vision and "vision" not in self.frozen_parts:
             raise ValueError(
                 "freeze_text_embeddings_with_vision: only meaningful with --freeze_vision_model "
@@ -255,74 +224,16 @@ class TrainConfig(BaseModel):
 CONFIG_OPTION = "config"
 
 
-def _unwrap_optional(annotation: Any) -> Any:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return annotation
-
-
-def _click_option(name: str, field: Any) -> click.Option:
-    annotation = _unwrap_optional(field.annotation)
-    default = field.get_default(call_default_factory=True)
-    help_text = field.description or ""
-    if default not in (None, [], False):
-        help_text += f"  [default: {default}]"
-    flag = f"--{name}"
-    if annotation is bool:
-        return click.Option(
-            [f"{flag}/--no-{name}"], default=None, help=help_text, show_default=False
-        )
-    if typing.get_origin(annotation) is list:
-        (item,) = typing.get_args(annotation)
-        choices = list(typing.get_args(item))
-        return click.Option(
-            [flag], type=click.Choice(choices), multiple=True, default=None, help=help_text
-        )
-    if typing.get_origin(annotation) is Literal:
-        return click.Option(
-            [flag],
-            type=click.Choice(list(typing.get_args(annotation))),
-            default=None,
-            help=help_text,
-        )
-    if name == "resume":
-        # `--resume` alone means auto; `--resume PATH` names a checkpoint.
-        return click.Option(
-            [flag], type=str, default=None, is_flag=False, flag_value="auto", help=help_text
-        )
-    click_type = {int: int, float: float, Path: click.Path(path_type=Path)}.get(annotation, str)
-    return click.Option([flag], type=click_type, default=None, help=help_text)
-
-
 def config_options(func: Any) -> Any:
     """Decorator: one click option per TrainConfig field, plus ``--config FILE.yaml``."""
-    for name, field in reversed(list(TrainConfig.model_fields.items())):
-        func = _add_param(func, _click_option(name, field))
+    func = click_options(TrainConfig)(func)
     config = click.Option(
         [f"--{CONFIG_OPTION}"],
         type=click.Path(path_type=Path, dir_okay=False),
         default=None,
         help="YAML file with the same keys as these options; command-line values override it.",
     )
-    return _add_param(func, config)
-
-
-def _add_param(func: Any, param: click.Parameter) -> Any:
-    if not hasattr(func, "__click_params__"):
-        func.__click_params__ = []
-    func.__click_params__.append(param)
-    return func
-
-
-def _format_validation_error(error: ValidationError, source: str) -> str:
-    lines = []
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "config"
-        message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{source}: {field}: {message}" if item["loc"] else f"{source}: {message}")
-    return "\n".join(lines)
+    return add_param(func, config)
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -355,13 +266,10 @@ def build_config(ctx: click.Context, params: dict[str, Any]) -> TrainConfig:
     if yaml_path is not None:
         values.update(load_yaml(yaml_path))
         source = f"{yaml_path} + command line"
-    for name in TrainConfig.model_fields:
-        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
-            value = params[name]
-            values[name] = list(value) if isinstance(value, tuple) else value
+    values.update(command_line_values(ctx, params, TrainConfig))
     if isinstance(values.get("eval_split"), str) and values["eval_split"].lower() == "none":
         values["eval_split"] = "none"
     try:
         return TrainConfig.model_validate(values)
     except ValidationError as error:
-        raise click.UsageError(_format_validation_error(error, source)) from None
+        raise click.UsageError(format_validation_error(error, source)) from None
