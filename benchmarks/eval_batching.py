@@ -26,7 +26,8 @@ import click
 import torch
 from PIL import Image
 
-from phi3v_train.evaluation.evaluate import evaluate_split, load_for_inference
+from phi3v_train.evaluation.evaluate import evaluate_split
+from phi3v_train.loading import inference_dtype, load_for_inference
 from phi3v_train.model.tiny import make_tiny
 
 
@@ -78,7 +79,7 @@ def main(
         scratch_dir = Path(scratch)
         model_dir = model_dir or make_tiny(scratch_dir / "tiny", seed=seed)
         synthesize(scratch_dir / "data", records, seed)
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        dtype = inference_dtype("auto", torch.device(device))
         model, processor = load_for_inference(
             model_dir, num_crops=num_crops, dtype=dtype, device=device
         )

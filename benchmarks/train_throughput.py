@@ -62,13 +62,13 @@ from safetensors.torch import load_file, save_file
 
 from phi3v_data.schema import Record
 from phi3v_train.data import TrainCollator, encode_for_training
+from phi3v_train.loading import load_config, load_processor, training_dtype
 from phi3v_train.model.configuration_phi3_v import (
     DEFAULT_EMBD_LAYER,
     DEFAULT_IMG_PROCESSOR,
     Phi3VConfig,
 )
 from phi3v_train.model.modeling_phi3_v import Phi3VForCausalLM
-from phi3v_train.model.processing_phi3_v import Phi3VProcessor
 from phi3v_train.model.tiny import make_tiny
 from phi3v_train.planning.flops import ModelDims, SampleShape, Training, training_flops
 from phi3v_train.training.config import TrainConfig
@@ -158,7 +158,7 @@ def resolve_config(config_file: str | None, tiny_dir: Path, tiny: bool) -> Phi3V
     """--config FILE, else the tiny preset (--tiny), else the official architecture."""
     if config_file:
         return Phi3VConfig.from_json_file(config_file)
-    return Phi3VConfig.from_pretrained(tiny_dir) if tiny else official_config()
+    return load_config(tiny_dir) if tiny else official_config()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,14 +357,11 @@ def trainer_config(spec: RunSpec) -> TrainConfig:
 
 
 def weights_dtype(spec: RunSpec, train_config: TrainConfig) -> torch.dtype:
-    """The trainer's rule (phi3v_train.training.train.load_model): under --bf16 a LoRA base is bf16 and
-    full fine-tuning keeps fp32 master weights (bf16 autocast); --precision bf16 makes every
+    """The trainer's rule (phi3v_train.loading.training_dtype); --precision bf16 makes every
     weight bf16 (pure bf16 training: half the memory, no casts)."""
-    if not train_config.bf16:
-        return torch.float32
-    if spec.precision == "bf16" or train_config.lora:
+    if train_config.bf16 and spec.precision == "bf16":
         return torch.bfloat16
-    return torch.float32
+    return training_dtype(train_config)
 
 
 def build_model(config: Phi3VConfig, spec: RunSpec, dtype: torch.dtype) -> torch.nn.Module:
@@ -492,7 +489,7 @@ def write_profile(spec: RunSpec, step) -> None:
 def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
     """Build, set up and train the model; time `steps` steps after `warmup` untimed ones."""
     torch.manual_seed(spec.seed)
-    config = Phi3VConfig.from_pretrained(spec.config_dir)
+    config = load_config(spec.config_dir)
     train_config = trainer_config(spec)
     dtype = weights_dtype(spec, train_config)
     model = apply_mode(build_model(config, spec, dtype), spec, train_config)
@@ -816,7 +813,7 @@ def main(
         tiny_dir = make_tiny(work / "tiny")
         config = resolve_config(config_file, tiny_dir, tiny)
         config.save_pretrained(work / "config")
-        processor = Phi3VProcessor.from_pretrained(tiny_dir, num_crops=num_crops)
+        processor = load_processor(tiny_dir, num_crops)
         batches = synthetic_batches(
             processor, work / "images", micro_batch, config.vision_config.image_size
         )

@@ -156,3 +156,19 @@ def test_no_run_starts_once_the_budget_is_spent(harness, tmp_path):
 def test_peak_is_detected_from_the_gpu_name(harness, monkeypatch, name, peak):
     monkeypatch.setattr(harness.torch.cuda, "get_device_name", lambda device: name)
     assert harness.detect_peak_tflops("cuda") == (name, peak)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_weights_dtype_is_the_trainers_own_rule(harness, tmp_path, mode, device):
+    """The benchmark builds its model in the dtype phi3v_train.loading gives the trainer; only
+    --precision bf16 (pure bf16, a benchmark-only mode) departs from it, and only under --bf16."""
+    from phi3v_train.loading import training_dtype
+
+    spec = _spec(harness, tmp_path, mode=mode)
+    spec.device = device
+    train_config = harness.trainer_config(spec)
+    assert harness.weights_dtype(spec, train_config) == training_dtype(train_config)
+    spec.precision = "bf16"
+    expected = harness.torch.bfloat16 if device.startswith("cuda") else harness.torch.float32
+    assert harness.weights_dtype(spec, train_config) == expected
