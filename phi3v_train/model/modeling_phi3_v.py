@@ -17,6 +17,10 @@ Forward semantics (see ../shared/reference/phi35v/README.md §4.3):
 - LongRoPE: the long factors are used iff the key/value length (padded batch length + cache) exceeds
   `original_max_position_embeddings`, once per batch; cached generation re-encodes the whole
   sequence once when it crosses that boundary.
+- packed rows (no attention_mask, no cache, `position_ids` restarting at 0 for each sample, see
+  `phi3v_train.training.packing`): attention stays inside each sample (block-diagonal causal mask
+  for eager/sdpa, cu_seqlens from the position ids for flash_attention_2) and the LongRoPE choice
+  is made per sample from its own length, as if it ran alone.
 Difference from the official code: CLIP runs only on the real crops of each image (1 + rows*cols,
 from `image_sizes`), not on the zero padding up to num_crops+1, and stops at the feature layer
 (the last CLIP layer's output was never used); the outputs are identical.
@@ -32,7 +36,11 @@ from transformers import CLIPVisionModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    find_packed_sequence_indices,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import PreTrainedModel
@@ -55,6 +63,20 @@ MAX_INPUT_ID = int(1e9)
 def image_placeholder_mask(input_ids: torch.Tensor) -> torch.Tensor:
     """True where `input_ids` holds an image placeholder (-1e9 < id < 0)."""
     return (input_ids < 0) & (input_ids > -MAX_INPUT_ID)
+
+
+def packed_sample_lengths(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """[B, L] length of each token's own sample when rows are packed (position ids restart at 0
+    inside a row), else None. A sample is a run of consecutive positions 0, 1, ..., n-1."""
+    if position_ids.shape[-1] == 0 or not bool((position_ids[..., 0] == 0).all()):
+        return None
+    segments = find_packed_sequence_indices(position_ids)
+    if segments is None:
+        return None
+    lengths = torch.zeros_like(position_ids).scatter_reduce(
+        -1, segments, position_ids + 1, reduce="amax"
+    )
+    return lengths.gather(-1, segments)
 
 
 class Phi3VRotaryEmbedding(nn.Module):
@@ -94,11 +116,29 @@ class Phi3VRotaryEmbedding(nn.Module):
     def use_long_factors(self, kv_length: int) -> bool:
         return self.rope_type == "longrope" and kv_length > self.original_max_position_embeddings
 
+    def long_tokens(self, sample_lengths: torch.Tensor) -> torch.Tensor:
+        """Per token: True where its own sample is longer than original_max_position_embeddings."""
+        if self.rope_type != "longrope":
+            return torch.zeros_like(sample_lengths, dtype=torch.bool)
+        return sample_lengths > self.original_max_position_embeddings
+
     @torch.no_grad()
     def forward(
-        self, x: torch.Tensor, position_ids: torch.Tensor, kv_length: int
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        kv_length: int,
+        long_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.long_inv_freq if self.use_long_factors(kv_length) else self.short_inv_freq
+        """cos/sin for `position_ids`; the factors follow `kv_length` (one choice per batch) or,
+        for packed rows, `long_tokens` ([B, L] bool: each token's own sample is long)."""
+        if long_tokens is None:
+            inv_freq = (
+                self.long_inv_freq if self.use_long_factors(kv_length) else self.short_inv_freq
+            )
+        else:
+            long, short = self.long_inv_freq, self.short_inv_freq
+            inv_freq = torch.where(long_tokens[..., None].to(long.device), long, short)
         inv_freq = inv_freq.to(device=x.device, dtype=torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
             freqs = position_ids[..., None].float() * inv_freq
@@ -320,6 +360,11 @@ class Phi3VModel(Phi3VPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+        packed = None
+        if cache is None and attention_mask is None and position_ids is not None:
+            packed = packed_sample_lengths(position_ids)
+        if packed is not None:
+            use_cache = False  # packed rows are for training; the mask needs cache=None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
 
@@ -341,7 +386,8 @@ class Phi3VModel(Phi3VPreTrainedModel):
             position_ids=position_ids,
         )
         kv_length = past_seen + inputs_embeds.shape[1]
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids, kv_length)
+        long_tokens = self.rotary_emb.long_tokens(packed) if packed is not None else None
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids, kv_length, long_tokens)
 
         hidden_states = inputs_embeds
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
@@ -469,4 +515,5 @@ __all__ = [
     "Phi3VPreTrainedModel",
     "Phi3VRotaryEmbedding",
     "image_placeholder_mask",
+    "packed_sample_lengths",
 ]
