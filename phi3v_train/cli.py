@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "eval": "phi3v_train.evaluation.evaluate:eval_command",
     "merge": "phi3v_train.merge:merge_command",
     "make-tiny": "phi3v_train.model.tiny:make_tiny_command",
+    "plan": "phi3v_train.planning.plan:plan_command",
 }
 DEFAULT_COMMAND = "train"
 
