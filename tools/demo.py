@@ -161,12 +161,22 @@ def run_demo(out: Path, settings: DemoSettings = FULL) -> dict[str, object]:
 
 @click.command()
 @click.option(
-    "--out", type=click.Path(path_type=Path), default=Path("demo_output"), show_default=True
+    "--output_dir",
+    type=click.Path(path_type=Path),
+    default=Path("demo_output"),
+    show_default=True,
+    help="Where every step writes (the trainer's name for an output folder).",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), hidden=True, help="Deprecated: --output_dir."
 )
 @click.option("--quick", is_flag=True, help="The reduced pipeline the test suite runs.")
-def main(out: Path, quick: bool) -> None:
+def main(output_dir: Path, out: Path | None, quick: bool) -> None:
     """Synthesize → convert → validate → train a tiny Phi-3-V → evaluate, offline."""
-    report = run_demo(out, QUICK if quick else FULL)
+    if out is not None:
+        click.echo("note: --out is deprecated; use --output_dir", err=True)
+        output_dir = out
+    report = run_demo(output_dir, QUICK if quick else FULL)
     click.secho("\n==> Report", bold=True)
     sizes = ", ".join(f"{split} {count}" for split, count in report["records_per_split"].items())
     click.echo(f"    records          {sizes}")
