@@ -6,8 +6,11 @@ initialised and every helper below degrades to the one-process answer.
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,6 +53,36 @@ def setup_distributed(*, use_deepspeed: bool = False) -> DistInfo:
     elif world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def process_rank() -> int:
+    """This process's rank: the process group's when joined, else torchrun's ``RANK`` (or 0)."""
+    return dist.get_rank() if _initialized() else int(os.environ.get("RANK", "0"))
+
+
+def share_from_main(produce: Callable[[], Any]) -> Any:
+    """``produce()`` run on rank 0 only, its JSON-able result broadcast to every rank.
+
+    The value travels as UTF-8 JSON in a byte tensor (never pickled). One process: ``produce()``.
+    """
+    if not _initialized() or dist.get_world_size() == 1:
+        return produce()
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    )
+    device = device or torch.device("cpu")
+    data = json.dumps(produce()).encode("utf-8") if dist.get_rank() == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0:
+        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buffer, src=0)
+    return json.loads(buffer.cpu().numpy().tobytes().decode("utf-8"))
 
 
 def barrier() -> None:

@@ -6,6 +6,8 @@
   the adapter weights under LoRA), by its name in the unwrapped model; LoRA runs also write
   ``adapter/`` in PEFT's format. Under DeepSpeed, ``deepspeed/`` holds the engine's own
   checkpoint (weights, sharded optimizer) instead, plus ``deepspeed.json`` (see below).
+- Under ``--fsdp``, ``shards/rank_<r>.{safetensors,json}`` hold every rank's local shards of the
+  weights and optimizer state, and their placements (:mod:`phi3v_train.training.fsdp`).
 - ``optimizer``, ``scheduler``, ``scaler`` (fp16 on CUDA only) and ``rng_state_<rank>`` (python,
   numpy, torch and CUDA generator states of every rank): each a ``NAME.json`` holding every
   non-tensor value, and a ``NAME.safetensors`` holding the tensors the JSON refers to
@@ -56,6 +58,7 @@ STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_MANIFEST = "deepspeed.json"
+SHARDS_DIR = "shards"  # FSDP: every rank's local shards (phi3v_train.training.fsdp)
 TREE_FORMAT = "phi3v-state/1"
 KEY_FILE_ENV = "PHI3V_CHECKPOINT_KEY_FILE"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
@@ -123,7 +126,7 @@ def _read_json(path: Path) -> Any:
         ) from None
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise CheckpointError(f"{path}: missing (incomplete checkpoint)")
     if not is_regular_file(path):
@@ -208,7 +211,7 @@ def load_tree(directory: Path, name: str) -> Any:
         or set(document) != {"format", "tensors", "tree"}
     ):
         raise CheckpointError(f"{path}: not a {TREE_FORMAT} state file")
-    tensors = _read_safetensors(directory / f"{name}.safetensors") if document["tensors"] else {}
+    tensors = read_safetensors(directory / f"{name}.safetensors") if document["tensors"] else {}
     return _decode(document["tree"], tensors, path)
 
 
@@ -309,7 +312,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_trainable(model: nn.Module, path: Path) -> None:
     """Copy the saved trainable parameters into ``model``: the names and shapes must be exactly
     this model's trainable parameters (a checkpoint of another model or strategy is refused)."""
-    saved = _read_safetensors(path)
+    saved = read_safetensors(path)
     params = dict(model.named_parameters())
     trainable = {name for name, param in params.items() if param.requires_grad}
     extra = sorted(set(saved) - trainable)
@@ -350,7 +353,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
         ) from None
 
 
-def _load_simple(target: Any, directory: Path, name: str) -> None:
+def load_simple(target: Any, directory: Path, name: str) -> None:
     state = load_tree(directory, name)
     try:
         target.load_state_dict(state)
@@ -430,40 +433,78 @@ def verify_deepspeed(checkpoint: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def save_plain_state(
+    directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any
+) -> None:
+    """Rank 0 of a plain or DDP run: trainable weights (+ PEFT adapter), optimizer, scheduler,
+    and the GradScaler when it is enabled (fp16 on CUDA)."""
+    save_file(trainable_state_dict(model), str(directory / TRAINABLE_FILE))
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(str(directory / "adapter"), save_embedding_layers=False)
+    save_tree(directory, "optimizer", optimizer.state_dict())
+    save_tree(directory, "scheduler", scheduler.state_dict())
+    if scaler is not None and scaler.is_enabled():
+        save_tree(directory, "scaler", scaler.state_dict())
+
+
+def refuse_foreign(path: Path, own: str | None) -> None:
+    """A checkpoint written by another engine (DeepSpeed or FSDP folder) is refused by name."""
+    if own != DEEPSPEED_DIR and (path / DEEPSPEED_DIR).exists():
+        raise CheckpointError(f"{path}: a DeepSpeed checkpoint; resume it with --deepspeed")
+    if own != SHARDS_DIR and (path / SHARDS_DIR).exists():
+        raise CheckpointError(f"{path}: an FSDP (sharded) checkpoint; resume it with --fsdp")
+
+
+def load_plain_state(
+    path: Path, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any
+) -> None:
+    """Inverse of :func:`save_plain_state` (every rank loads the same files)."""
+    refuse_foreign(path, None)
+    load_trainable(model, path / TRAINABLE_FILE)
+    _load_optimizer(optimizer, path)
+    load_simple(scheduler, path, "scheduler")
+    if scaler is not None and scaler.is_enabled():
+        load_simple(scaler, path, "scaler")
+
+
+def save_deepspeed_state(directory: Path, engine: Any, dist: DistInfo) -> None:
+    """DeepSpeed's own checkpoint under ``deepspeed/``, signed by rank 0 once complete."""
+    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag="state")
+    barrier()
+    if dist.is_main:
+        sign_deepspeed(directory)
+
+
+def load_deepspeed_state(path: Path, engine: Any) -> None:
+    if not (path / DEEPSPEED_DIR).is_dir():
+        raise CheckpointError(f"{path / DEEPSPEED_DIR}: missing (not a DeepSpeed checkpoint)")
+    verify_deepspeed(path)
+    engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag="state")
+
+
 def save_checkpoint(
     output_dir: Path,
     state: TrainerState,
     *,
+    engine: Any,
     dist: DistInfo,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler | None = None,
-    engine: Any = None,
     save_total_limit: int | None = None,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically on every rank; return its final path."""
+    """Write ``checkpoint-<step>`` atomically on every rank; return its final path.
+
+    ``engine.save(folder, dist)`` writes the engine's files (weights, optimizer, scheduler...);
+    this function adds every rank's RNG state and, last, ``trainer_state.json``.
+    """
     final = output_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
     tmp = final.with_name(final.name + TMP_SUFFIX)
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    if engine is not None:
-        engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag="state")
-    elif dist.is_main:
-        save_file(trainable_state_dict(model), str(tmp / TRAINABLE_FILE))
-        if hasattr(model, "peft_config"):
-            model.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
-        save_tree(tmp, "optimizer", optimizer.state_dict())
-        save_tree(tmp, "scheduler", scheduler.state_dict())
-        if scaler is not None and scaler.is_enabled():
-            save_tree(tmp, "scaler", scaler.state_dict())
+    engine.save(tmp, dist)
     save_tree(tmp, f"rng_state_{dist.rank}", capture_rng_state())
     barrier()
     if dist.is_main:
-        if engine is not None:
-            sign_deepspeed(tmp)
         state.write(tmp / STATE_FILE)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -474,17 +515,8 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    path: Path,
-    *,
-    dist: DistInfo,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler | None = None,
-    engine: Any = None,
-) -> TrainerState:
-    """Restore weights, optimizer, scheduler, scaler and this rank's RNG; return the state.
+def load_checkpoint(path: Path, *, engine: Any, dist: DistInfo) -> TrainerState:
+    """Restore the engine's state and this rank's RNG; return the trainer state.
 
     Every problem is a :class:`CheckpointError` naming the file; nothing is unpickled.
     """
@@ -495,18 +527,6 @@ def load_checkpoint(
             f"this run has {dist.world_size}; resume with the same number of processes"
         )
     rng = load_tree(path, f"rng_state_{dist.rank}")  # read (and checked) before anything changes
-    if engine is not None:
-        if not (path / DEEPSPEED_DIR).is_dir():
-            raise CheckpointError(f"{path / DEEPSPEED_DIR}: missing (not a DeepSpeed checkpoint)")
-        verify_deepspeed(path)
-        engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag="state")
-    else:
-        if (path / DEEPSPEED_DIR).exists():
-            raise CheckpointError(f"{path}: a DeepSpeed checkpoint; resume it with --deepspeed")
-        load_trainable(model, path / TRAINABLE_FILE)
-        _load_optimizer(optimizer, path)
-        _load_simple(scheduler, path, "scheduler")
-        if scaler is not None and scaler.is_enabled():
-            _load_simple(scaler, path, "scaler")
+    engine.load(path, dist)
     restore_rng_state(rng, path / f"rng_state_{dist.rank}.json")
     return state

@@ -124,6 +124,11 @@ class TrainConfig(SharedOptions):
         default=None,
         description="DeepSpeed ZeRO: zero2 (the original's settings), zero3, or a JSON file.",
     )
+    fsdp: bool = Field(
+        default=False,
+        description="FSDP2: torch's fully_shard per decoder and CLIP layer, then the root "
+        "(bf16 parameters and reductions with --bf16, else fp32); sharded checkpoints.",
+    )
     # --- checkpoints ---------------------------------------------------------------------------
     save_steps: int | None = Field(
         default=None, ge=1, description="Write a complete checkpoint every N optimizer steps."
@@ -170,6 +175,9 @@ class TrainConfig(SharedOptions):
             )
         if self.overwrite and self.resume is not None:
             raise ValueError("overwrite: --overwrite starts afresh; it cannot run with --resume")
+        if self.fsdp and (self.deepspeed or self.use_qlora):
+            other = "--deepspeed" if self.deepspeed else "--use_qlora"
+            raise ValueError(f"fsdp: --fsdp cannot run with {other} (choose one way to shard)")
         if self.deepspeed and self.use_qlora:
             raise ValueError("deepspeed: DeepSpeed ZeRO cannot shard a 4-bit QLoRA base model")
         if (
