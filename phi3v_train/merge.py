@@ -21,9 +21,11 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
+from click.core import ParameterSource
 from safetensors import safe_open
 
 from phi3v_data.safe_io import describe_os_error
@@ -39,6 +41,7 @@ from phi3v_train.loading import (
     load_processor,
     stop_token_ids,
 )
+from phi3v_train.options import SharedOptions
 
 #: The alias of ``model.embed_tokens.weight`` that the official code exposes; never written.
 SHARED_EMBEDDING_ALIAS = "model.vision_embed_tokens.wte.weight"
@@ -49,6 +52,11 @@ AUTO_MAP_FILES = (
     "processor_config.json",
     "tokenizer_config.json",
 )
+
+
+#: The options naming the base model and the output folder: training's names.
+MODEL_OPTION = "--model_name_or_path"
+OUT_OPTION = "--output_dir"
 
 
 class MergeError(Exception):
@@ -62,36 +70,41 @@ def merge_adapter(
     *,
     dtype: str = "auto",
     overwrite: bool = False,
+    model_option: str = MODEL_OPTION,
+    out_option: str = OUT_OPTION,
 ) -> Path:
     """Write ``base`` + ``adapter`` merged into ``out`` (atomically); return ``out``.
 
     The model source and the adapter are checked first (safetensors only; a hub id fails fast
     when the hub cannot be reached), then ``out`` is proved writable, all before any load.
+    Errors name the options as the user spelled them (``model_option``, ``out_option``).
     """
     adapter, out = Path(adapter), Path(out)
     try:  # safetensors only, no hub hang: one line before anything loads
-        source = check_model(base, what="--model")
+        source = check_model(base, what=model_option)
         check_adapter(adapter)
     except LoadingError as error:
         raise MergeError(str(error)) from None
     if out.exists() and not out.is_dir():
-        raise MergeError(f"{out}: --out: exists and is not a directory")
+        raise MergeError(f"{out}: {out_option}: exists and is not a directory")
     if out.exists() and not overwrite:
         raise MergeError(f"{out}: already exists (pass --overwrite to replace it)")
-    for name, folder in (("--model", Path(source)), ("--adapter", adapter)):
+    for name, folder in ((model_option, Path(source)), ("--adapter", adapter)):
         if folder.is_dir() and (
             out.resolve() == folder.resolve() or out.resolve() in folder.resolve().parents
         ):
-            raise MergeError(f"{out}: --out is or contains {name} {folder}: it would be replaced")
+            raise MergeError(
+                f"{out}: {out_option} is or contains {name} {folder}: it would be replaced"
+            )
 
     temporary = out.with_name(f".{out.name}.merge-{os.getpid()}")
     try:  # prove the destination writable before the long load and merge
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     except OSError as error:
-        raise MergeError(f"{out}: --out: cannot write: {describe_os_error(error)}") from None
+        raise MergeError(f"{out}: {out_option}: cannot write: {describe_os_error(error)}") from None
     try:
-        _merge_into(source, adapter, out, temporary, dtype)
+        _merge_into(source, adapter, out, temporary, dtype, model_option)
     except OSError as error:
         raise MergeError(
             f"{out}: cannot write the merged model: {describe_os_error(error)}"
@@ -101,14 +114,16 @@ def merge_adapter(
     return out
 
 
-def _merge_into(base: str, adapter: Path, out: Path, temporary: Path, dtype: str) -> None:
-    model = load_pretrained(base, dtype=torch.float32, what="--model")
+def _merge_into(
+    base: str, adapter: Path, out: Path, temporary: Path, dtype: str, model_option: str
+) -> None:
+    model = load_pretrained(base, dtype=torch.float32, what=model_option)
     saved_dtype = checkpoint_dtype(model.config) if dtype == "auto" else DTYPES[dtype]
     merged = attach_adapter(model, adapter).merge_and_unload()
     merged.to(saved_dtype)
     merged.config.dtype = saved_dtype
 
-    processor = load_processor(base, adapter=adapter, what="--model")
+    processor = load_processor(base, adapter=adapter, what=model_option)
     tokenizer = processor.tokenizer
     generation = merged.generation_config
     generation.eos_token_id = stop_token_ids(tokenizer)
@@ -176,8 +191,27 @@ def _replace_dir(source: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+#: Old spellings kept for scripts (hidden; each use prints a one-line deprecation note).
+DEPRECATED = {"--model": MODEL_OPTION, "--out": OUT_OPTION}
+
+
+def _typed(ctx: click.Context, new: str, old: str) -> str:
+    """The spelling of an option the user typed (the old one is noted as deprecated)."""
+    if ctx.get_parameter_source(old.lstrip("-")) == ParameterSource.COMMANDLINE:
+        click.echo(f"note: {old} is deprecated; use {new}", err=True)
+        return old
+    return new
+
+
 @click.command("merge")
-@click.option("--model", "base", required=True, help="Base model directory (or hub id).")
+@click.option(
+    MODEL_OPTION,
+    "base",
+    default=SharedOptions.model_fields["model_name_or_path"].default,
+    show_default=True,
+    help="Base model directory (or hub id): the one the adapter was trained on.",
+)
+@click.option("--model", hidden=True, help="Deprecated: --model_name_or_path.")
 @click.option(
     "--adapter",
     required=True,
@@ -185,10 +219,13 @@ def _replace_dir(source: Path, target: Path) -> None:
     help="LoRA/DoRA adapter directory written by phi3v-train.",
 )
 @click.option(
-    "--out",
-    required=True,
+    OUT_OPTION,
+    "output_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Directory of the merged checkpoint (written atomically).",
+    help="Directory of the merged checkpoint (written atomically). Required.",
+)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), hidden=True, help="Deprecated."
 )
 @click.option(
     "--dtype",
@@ -197,15 +234,24 @@ def _replace_dir(source: Path, target: Path) -> None:
     show_default=True,
     help="dtype of the saved weights; auto keeps the base checkpoint's.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-def merge_command(base: str, adapter: Path, out: Path, dtype: str, overwrite: bool) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.pass_context
+def merge_command(ctx: click.Context, base: str, model: str | None, **params: Any) -> None:
     """Merge a LoRA/DoRA adapter into its base model as a standalone checkpoint (for vLLM).
 
     \b
-      phi3v-train merge --model microsoft/Phi-3.5-vision-instruct --adapter OUT --out MERGED
+      phi3v-train merge --model_name_or_path microsoft/Phi-3.5-vision-instruct \\
+          --adapter OUT --output_dir MERGED
     """
+    model_option, out_option = (_typed(ctx, new, old) for old, new in DEPRECATED.items())
+    base = model if model_option == "--model" else base
+    out = params["out"] if out_option == "--out" else params["output_dir"]
+    if out is None:
+        raise click.UsageError(f"{OUT_OPTION}: missing (the directory to write the merged model)")
+    adapter = params["adapter"]
     try:
-        merge_adapter(base, adapter, out, dtype=dtype, overwrite=overwrite)
+        merge_adapter(base, adapter, out, dtype=params["dtype"], overwrite=params["overwrite"],
+                      model_option=model_option, out_option=out_option)  # fmt: skip
     except (MergeError, LoadingError) as error:
         raise click.ClickException(str(error)) from None
     except (OSError, ValueError, KeyError, RuntimeError) as error:

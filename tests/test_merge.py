@@ -79,14 +79,15 @@ def test_merge_command_lora_parity_and_layout(base_dir: Path, tmp_path: Path) ->
     adapter = write_adapter(base_dir, tmp_path / "adapter")
     merged = tmp_path / "merged"
     run = subprocess.run(
-        [PHI3V_TRAIN, "merge", "--model", str(base_dir), "--adapter", str(adapter)]
-        + ["--out", str(merged)],
+        [PHI3V_TRAIN, "merge", "--model_name_or_path", str(base_dir), "--adapter", str(adapter)]
+        + ["--output_dir", str(merged)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert run.returncode == 0, run.stderr
     assert f"wrote {merged}" in run.stdout
+    assert "note:" not in run.stderr  # no deprecated spelling used
 
     inputs = sample_inputs(merged)  # the merged directory carries a working processor
     expected = adapter_logits(base_dir, adapter, inputs)
@@ -198,7 +199,7 @@ def test_merge_errors_leave_out_untouched(base_dir: Path, tmp_path: Path) -> Non
     not_adapter = tmp_path / "not_adapter"
     not_adapter.mkdir()
     out = tmp_path / "merged"
-    base = ["--model", str(base_dir), "--out", str(out)]
+    base = ["--model_name_or_path", str(base_dir), "--output_dir", str(out)]
     result = runner.invoke(merge_command, [*base, "--adapter", str(not_adapter)])
     assert result.exit_code != 0
     assert f"{not_adapter}: adapter_config.json not found" in result.output
@@ -230,3 +231,22 @@ def test_merge_errors_leave_out_untouched(base_dir: Path, tmp_path: Path) -> Non
     result = runner.invoke(merge_command, [*base, "--adapter", str(good), "--overwrite"])
     assert result.exit_code == 0, result.output
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+    # the old spellings still work, each with a one-line note, and errors use the typed name
+    old = ["--model", str(base_dir), "--out", str(out), "--adapter", str(good)]
+    result = runner.invoke(merge_command, old)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "note: --model is deprecated; use --model_name_or_path",
+        "note: --out is deprecated; use --output_dir",
+        "Error: " + f"{out}: already exists (pass --overwrite to replace it)",
+    ]
+    result = runner.invoke(merge_command, [*old, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.stdout
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    result = runner.invoke(merge_command, [*old[:2], "--out", str(blocked), *old[4:]])
+    assert result.exit_code == 2 and "Invalid value for '--out'" in result.stderr
+    result = runner.invoke(merge_command, ["--adapter", str(good)])
+    assert result.exit_code == 2 and "--output_dir: missing" in result.output
