@@ -283,11 +283,11 @@ def eval_runs(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     started = {}
     for kind, (build, split, _) in KINDS.items():
         data_dir = build(root / kind)
-        out = root / f"{kind}.json"
-        command = [PHI3V_TRAIN, "eval", "--model", str(tiny_dir), "--data_dir", str(data_dir)]
-        command += ["--split", split, "--batch_size", "2", "--max_new_tokens", "4"]
+        out = root / f"{kind}_out" / f"eval_{split}.json"
+        command = [PHI3V_TRAIN, "eval", "--model_name_or_path", str(tiny_dir)]
+        command += ["--data_dir", str(data_dir), "--split", split, "--eval_batch_size", "2"]
         process = subprocess.Popen(
-            [*command, "--out", str(out)],
+            [*command, "--max_new_tokens", "4", "--output_dir", str(out.parent)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -306,6 +306,7 @@ def test_eval_command_on_each_dataset_kind(eval_runs: dict, kind: str) -> None:
     returncode, stdout, stderr, out = eval_runs[kind]
     assert returncode == 0, stderr
     assert "Warning" not in stderr + stdout  # no deprecation noise from the stack (5.24 port)
+    assert "deprecated" not in stderr  # the training names are the current ones
     for name in expected_metrics:
         assert name in stdout
     assert f"wrote {out}" in stdout
@@ -349,7 +350,8 @@ def test_eval_command_bad_input_one_line(
 ) -> None:
     data_dir = ucf_like(tmp_path / "ucf")
     result = CliRunner().invoke(
-        eval_command, ["--model", str(tiny_dir), "--data_dir", str(data_dir), *arguments]
+        eval_command,
+        ["--model_name_or_path", str(tiny_dir), "--data_dir", str(data_dir), *arguments],
     )
     assert result.exit_code != 0
     assert message in result.output
@@ -362,12 +364,13 @@ def test_eval_under_torchrun_shards_and_gathers(eval_runs: dict, tmp_path: Path)
     single_code, _, stderr, single_out = eval_runs["auroc"]
     assert single_code == 0, stderr
     single = json.loads(single_out.read_text())
-    data_dir = single_out.parent / "auroc"
-    out = tmp_path / "two_ranks.json"
+    data_dir = single_out.parent.parent / "auroc"
+    out = tmp_path / "eval_dev_seen.json"
     run = subprocess.run(
         [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--no-python", PHI3V_TRAIN]
-        + ["eval", "--model", str(eval_runs["tiny_dir"]), "--data_dir", str(data_dir)]
-        + ["--split", "dev_seen", "--batch_size", "2", "--max_new_tokens", "4", "--out", str(out)],
+        + ["eval", "--model_name_or_path", str(eval_runs["tiny_dir"]), "--data_dir", str(data_dir)]
+        + ["--split", "dev_seen", "--eval_batch_size", "2", "--max_new_tokens", "4"]
+        + ["--output_dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -382,6 +385,72 @@ def test_eval_under_torchrun_shards_and_gathers(eval_runs: dict, tmp_path: Path)
     for mine, theirs in zip(both["examples"], single["examples"], strict=True):
         assert mine["positive_prob"] == pytest.approx(theirs["positive_prob"], rel=1e-4)
     assert both["metrics"] == pytest.approx(single["metrics"])
+
+
+def test_deprecated_spellings_still_work_and_each_says_so_in_one_line(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """--model, --batch_size, --max_samples and --out (a file) give what the training names give."""
+    data_dir = ucf_like(tmp_path / "ucf")
+    common = ["--data_dir", str(data_dir), "--split", "val", "--max_new_tokens", "2"]
+    new = CliRunner().invoke(
+        eval_command,
+        [*common, "--model_name_or_path", str(tiny_dir), "--eval_batch_size", "2"]
+        + ["--eval_max_samples", "2", "--output_dir", str(tmp_path / "new")],
+    )
+    assert new.exit_code == 0, new.output
+    assert "deprecated" not in new.stderr
+    old_out = tmp_path / "old.json"
+    old = CliRunner().invoke(
+        eval_command,
+        [*common, "--model", str(tiny_dir), "--batch_size", "2", "--max_samples", "2"]
+        + ["--out", str(old_out)],
+    )
+    assert old.exit_code == 0, old.output
+    notes = [line for line in old.stderr.splitlines() if "deprecated" in line]
+    assert notes == [
+        "note: --model is deprecated; use --model_name_or_path",
+        "note: --batch_size is deprecated; use --eval_batch_size",
+        "note: --max_samples is deprecated; use --eval_max_samples",
+        "note: --out FILE is deprecated; use --output_dir DIR (DIR/eval_<split>.json)",
+    ]
+    written = json.loads((tmp_path / "new" / "eval_val.json").read_text())
+    assert json.loads(old_out.read_text()) == written
+    assert written["num_examples"] == 2
+    assert "--model" not in CliRunner().invoke(eval_command, ["--help"]).output.replace(
+        "--model_name_or_path", ""
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "in_dataset", "expected"), [(None, None, 16), (None, 4, 4), (2, 4, 2)]
+)
+def test_eval_resolves_num_crops_as_training_does(
+    tmp_path: Path, monkeypatch, given: int | None, in_dataset: int | None, expected: int
+) -> None:
+    """--num_crops, else dataset.json's, else the shared default: training's own rule."""
+    from phi3v_data.dataset import load_info
+    from phi3v_train.evaluation import evaluate
+    from phi3v_train.training.run_plan import resolve_num_crops
+
+    data_dir = ucf_like(tmp_path / "ucf")
+    info = json.loads((data_dir / "dataset.json").read_text())
+    info.pop("num_crops")
+    if in_dataset is not None:
+        info["num_crops"] = in_dataset
+    (data_dir / "dataset.json").write_text(json.dumps(info))
+    seen = []
+
+    def capture(model, **options):
+        seen.append(options["num_crops"])
+        raise evaluate.LoadingError("captured")
+
+    monkeypatch.setattr(evaluate, "load_for_inference", capture)
+    arguments = ["--data_dir", str(data_dir), "--split", "val", "--output_dir", str(tmp_path)]
+    arguments += [] if given is None else ["--num_crops", str(given)]
+    result = CliRunner().invoke(eval_command, arguments)
+    assert result.exit_code == 1 and "captured" in result.output
+    assert seen == [expected] == [resolve_num_crops(given, load_info(data_dir))]
 
 
 @pytest.mark.gpu

@@ -25,6 +25,8 @@ from typing import Any
 import click
 import orjson
 import torch
+from click.core import ParameterSource
+from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
 from phi3v_data.atomic import write_atomic
@@ -39,16 +41,27 @@ from phi3v_data.dataset import (
 from phi3v_data.safe_io import describe_os_error
 from phi3v_data.schema import DatasetInfo, Record
 from phi3v_train.data import GenerationCollator, GenerationDataset
-from phi3v_train.distributed import cleanup_distributed, setup_distributed
+from phi3v_train.distributed import DistInfo, cleanup_distributed, setup_distributed
 from phi3v_train.evaluation import metrics as metric_fns
 from phi3v_train.loading import (
+    DTYPES,
     LoadingError,
     check_adapter,
     inference_dtype,
     load_for_inference,
     stop_token_ids,
 )
-from phi3v_train.training.config import MAX_NUM_CROPS
+from phi3v_train.options import (
+    ALIAS_PREFIX,
+    SharedOptions,
+    click_options,
+    command_line_values,
+    format_validation_error,
+)
+from phi3v_train.training.run_plan import resolve_num_crops
+
+#: The shared options' defaults (eval batch size, generation length), declared in one place.
+SHARED_DEFAULTS = SharedOptions()
 
 
 @dataclass
@@ -108,17 +121,19 @@ def evaluate_split(
     data_dir: Path,
     split: str,
     *,
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
+    batch_size: int = SHARED_DEFAULTS.eval_batch_size,
+    max_new_tokens: int = SHARED_DEFAULTS.max_new_tokens,
     max_samples: int | None = None,
     metrics: Sequence[str] | None = None,
     num_workers: int = 0,
+    dist: DistInfo | None = None,
 ) -> EvalResult:
     """Generate an answer for every record of ``split`` and score it.
 
     ``metrics`` overrides ``dataset.json``'s list; ``num_workers`` DataLoader processes decode
     images. A split listed in ``unlabeled_splits`` gets predictions only (no metric, score None),
-    e.g. for a test-server submission. Raises :class:`DatasetError` for bad data.
+    e.g. for a test-server submission. ``dist`` says which shard this process evaluates
+    (default: :func:`setup_distributed`'s answer). Raises :class:`DatasetError` for bad data.
     """
     data_dir = Path(data_dir)
     info = load_info(data_dir)
@@ -137,7 +152,8 @@ def evaluate_split(
     if "auroc" in names:
         positive_token = answer_token_id(tokenizer, info.answer_words["1"])
 
-    rank, world = _rank_and_world()
+    dist = dist or setup_distributed()
+    rank, world = dist.rank, dist.world_size
     shard = list(range(len(records)))[rank::world]
     dataset = GenerationDataset(
         [records[index] for index in shard],
@@ -165,27 +181,31 @@ def evaluate_split(
     predictions = {index: (text, prob) for index, text, prob in gathered}
 
     score_name = ("anls" if "anls" in names else "accuracy") if names else None
-    examples = []
-    for index, record in enumerate(records):
-        text, prob = predictions[index]
-        references = record.references
-        score = None
-        if score_name == "anls":
-            score = metric_fns.anls_score(text, references)
-        elif score_name == "accuracy":
-            score = metric_fns.exact_match(text, references)
-        examples.append(
-            ExampleResult(
-                id=record.id,
-                prediction=text,
-                references=references,
-                score=score,
-                label=record.label,
-                group=record.group,
-                positive_prob=prob,
-            )
-        )
+    examples = [
+        _example(record, *predictions[index], score_name) for index, record in enumerate(records)
+    ]
     return EvalResult(split, compute_metrics(names, examples), examples, score_name)
+
+
+def _example(
+    record: Record, text: str, prob: float | None, score_name: str | None
+) -> ExampleResult:
+    """One record's result, scored by ``score_name`` (anls, accuracy, or None: unlabeled)."""
+    references = record.references
+    score = None
+    if score_name == "anls":
+        score = metric_fns.anls_score(text, references)
+    elif score_name == "accuracy":
+        score = metric_fns.exact_match(text, references)
+    return ExampleResult(
+        id=record.id,
+        prediction=text,
+        references=references,
+        score=score,
+        label=record.label,
+        group=record.group,
+        positive_prob=prob,
+    )
 
 
 def answer_token_id(tokenizer: Any, word: str) -> int:
@@ -283,12 +303,6 @@ def _check_metric_inputs(
             raise DatasetError(jsonl_path, line, "label", "auroc needs a label on every record")
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _gather(local: list[Any], world: int) -> list[Any]:
     if world == 1:
         return local
@@ -305,7 +319,7 @@ def check_writable(path: Path) -> None:
     """
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(21, "is a directory; --out names the JSON file to write", str(path))
+        raise IsADirectoryError(21, "is a directory, not the JSON file to write", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -320,23 +334,85 @@ def _finite_or_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
+#: The options ``eval`` shares with training: declared once in :class:`SharedOptions`.
+SHARED = (
+    "data_dir",
+    "model_name_or_path",
+    "output_dir",
+    "num_crops",
+    "eval_max_samples",
+    "eval_batch_size",
+    "max_new_tokens",
+)
+#: Old spellings kept for scripts (hidden; each use prints a one-line deprecation note).
+DEPRECATED = {"model_name_or_path": "model", "eval_batch_size": "batch_size"}
+DEPRECATED["eval_max_samples"] = "max_samples"
+
+
+def _shared_options(ctx: click.Context, params: dict[str, Any]) -> SharedOptions:
+    """The shared options as typed (deprecated spellings folded in, each noted on stderr)."""
+    for name, alias in DEPRECATED.items():
+        if ctx.get_parameter_source(f"{ALIAS_PREFIX}{name}") == ParameterSource.COMMANDLINE:
+            click.echo(f"note: --{alias} is deprecated; use --{name}", err=True)
+    try:
+        return SharedOptions.model_validate(command_line_values(ctx, params, SharedOptions))
+    except ValidationError as error:
+        raise click.UsageError(format_validation_error(error, "eval").replace("\n", "; ")) from None
+
+
+def _results_path(options: SharedOptions, out: Path | None, split: str) -> tuple[Path, str]:
+    """Where the results go and the option that said so (``--out FILE`` is deprecated)."""
+    if out is None:
+        return options.output_dir / f"eval_{split}.json", "--output_dir"
+    click.echo(
+        "note: --out FILE is deprecated; use --output_dir DIR (DIR/eval_<split>.json)", err=True
+    )
+    return out, "--out"
+
+
+def _check_inputs(data_dir: Path | None, split: str, adapter: Path | None) -> DatasetInfo:
+    """dataset.json, the split file and the adapter, checked before anything loads."""
+    if data_dir is None:
+        raise click.UsageError("--data_dir: missing (the dataset directory to evaluate on)")
+    try:
+        info = load_info(data_dir)
+        split_path(data_dir, split)
+        if adapter is not None:
+            check_adapter(adapter)
+    except (DatasetError, LoadingError) as error:
+        raise click.ClickException(str(error)) from None
+    return info
+
+
+def _metric_names(metric_list: str | None) -> list[str] | None:
+    if not metric_list:
+        return None
+    names = [name.strip() for name in metric_list.split(",") if name.strip()]
+    try:
+        metric_fns.resolve_metric_names(names)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--metrics") from None
+    return names
+
+
+def _write_results(result: EvalResult, path: Path, option: str) -> None:
+    click.echo(result.format_table())  # shown first: the metrics survive a failed write
+    try:
+        result.write_json(path)
+    except OSError as error:
+        message = f"{option}: cannot write the results: {describe_os_error(error)}"
+        raise click.ClickException(message) from None
+    click.echo(f"wrote {path}")
+
+
 @click.command("eval")
-@click.option("--model", "model_path", required=True, help="Model directory (or hub id).")
+@click_options(SharedOptions, only=SHARED, aliases=DEPRECATED)
 @click.option(
     "--adapter",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    type=click.Path(file_okay=False, path_type=Path),
     help="LoRA/DoRA adapter directory written by phi3v-train.",
 )
-@click.option(
-    "--data_dir",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Dataset directory (conversations-jsonl).",
-)
 @click.option("--split", required=True, help="Split to evaluate, e.g. val.")
-@click.option("--batch_size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--max_new_tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--max_samples", type=click.IntRange(min=1), help="Evaluate the first N records.")
 @click.option(
     "--metrics",
     "metric_list",
@@ -347,92 +423,58 @@ def _finite_or_none(value: float) -> float | None:
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="JSON file for metrics and per-example results [default: eval_<split>.json].",
-)
-@click.option(
-    "--num_crops", type=click.IntRange(1, MAX_NUM_CROPS), help="Override the processor's num_crops."
+    hidden=True,
+    help="Deprecated: the JSON file to write (use --output_dir).",
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    type=click.Choice(["auto", *DTYPES]),
     default="auto",
     show_default=True,
     help="auto: bfloat16 on a GPU that supports it, else float32.",
 )
-def eval_command(
-    model_path: str,
-    adapter: Path | None,
-    data_dir: Path,
-    split: str,
-    batch_size: int,
-    max_new_tokens: int,
-    max_samples: int | None,
-    metric_list: str | None,
-    out: Path | None,
-    num_crops: int | None,
-    dtype: str,
-) -> None:
-    """Evaluate a model (optionally with an adapter) on one split; print a table, write JSON.
+@click.pass_context
+def eval_command(ctx: click.Context, **params: Any) -> None:
+    """Evaluate a model (optionally with an adapter) on one split; print a table, write
+    OUTPUT_DIR/eval_<split>.json. Options shared with training have training's names.
 
     \b
-      phi3v-train eval --model OUT --data_dir DIR --split val
-      torchrun --nproc_per_node=4 --no-python phi3v-train eval --model M --data_dir D --split val
+      phi3v-train eval --model_name_or_path OUT --data_dir DIR --split val --output_dir OUT
+      torchrun --nproc_per_node=4 --no-python phi3v-train eval --model_name_or_path M \\
+          --data_dir D --split val
     """
-    names = None
-    if metric_list:
-        names = [name.strip() for name in metric_list.split(",") if name.strip()]
-        try:
-            metric_fns.resolve_metric_names(names)
-        except ValueError as error:
-            raise click.BadParameter(str(error), param_hint="--metrics") from None
-    try:
-        load_info(data_dir)
-        split_path(data_dir, split)
-    except DatasetError as error:
-        raise click.ClickException(str(error)) from None
-    if adapter is not None:
-        try:
-            check_adapter(adapter)
-        except LoadingError as error:
-            raise click.ClickException(str(error)) from None
-    out = out or Path(f"eval_{split}.json")
+    options = _shared_options(ctx, params)
+    split, adapter = params["split"], params["adapter"]
+    names = _metric_names(params["metric_list"])
+    info = _check_inputs(options.data_dir, split, adapter)
+    out, out_option = _results_path(options, params["out"], split)
     try:
         check_writable(out)
     except OSError as error:
-        message = f"--out: cannot write the results: {describe_os_error(error)}"
+        message = f"{out_option}: cannot write the results: {describe_os_error(error)}"
         raise click.ClickException(message) from None
     where = setup_distributed()
-    if num_crops is None:
-        num_crops = load_info(data_dir).num_crops
     try:
         model, processor = load_for_inference(
-            model_path,
+            options.model_name_or_path,
             adapter=adapter,
-            num_crops=num_crops,
-            dtype=inference_dtype(dtype, where.device),
+            num_crops=resolve_num_crops(options.num_crops, info),
+            dtype=inference_dtype(params["dtype"], where.device),
             device=where.device,
         )
-    except LoadingError as error:
-        raise click.ClickException(str(error)) from None
-    try:
         result = evaluate_split(
             model,
             processor,
-            data_dir,
+            options.data_dir,
             split,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            max_samples=max_samples,
+            batch_size=options.eval_batch_size,
+            max_new_tokens=options.max_new_tokens,
+            max_samples=options.eval_max_samples,
             metrics=names,
+            dist=where,
         )
-    except DatasetError as error:  # RecordError too: an image failing, also in a worker
+    except (LoadingError, DatasetError) as error:  # RecordError too: an image, also in a worker
         raise click.ClickException(str(error)) from None
     if where.is_main:
-        click.echo(result.format_table())  # shown first: the metrics survive a failed write
-        try:
-            result.write_json(out)
-        except OSError as error:
-            message = f"--out: cannot write the results: {describe_os_error(error)}"
-            raise click.ClickException(message) from None
-        click.echo(f"wrote {out}")
+        _write_results(result, out, out_option)
     cleanup_distributed()
