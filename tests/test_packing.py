@@ -158,3 +158,20 @@ def test_step_mean_is_over_all_supervised_tokens_of_the_step() -> None:
         sum(token_loss_sum(lg, lb) / c for (lg, lb), c in zip(parts, counts, strict=True)) / 2
     )
     assert abs(float(mean_of_means) - float(whole)) > 1e-4  # what per-micro-batch means give
+
+
+@pytest.mark.gpu
+def test_flash_attention_packed_row_matches_padded_on_gpu(setup) -> None:
+    pytest.importorskip("flash_attn")
+    tiny, processor, examples = setup
+    samples = [examples["text"], examples["multi_turn"], examples["one_image"]]
+    model = load(tiny, "flash_attention_2").to("cuda", torch.bfloat16)
+
+    def on_gpu(batch: dict) -> dict:
+        return {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    packed = on_gpu(PackingCollator(0)(samples))
+    padded = on_gpu(TrainCollator(processor.tokenizer.pad_token_id)(samples))
+    packed_loss, _ = loss_and_grads(model, [packed])
+    padded_loss, _ = loss_and_grads(model, [padded])
+    assert packed_loss == pytest.approx(padded_loss, rel=2e-2)
