@@ -250,3 +250,48 @@ def test_merge_errors_leave_out_untouched(base_dir: Path, tmp_path: Path) -> Non
     assert result.exit_code == 2 and "Invalid value for '--out'" in result.stderr
     result = runner.invoke(merge_command, ["--adapter", str(good)])
     assert result.exit_code == 2 and "--output_dir: missing" in result.output
+
+
+def test_pickle_only_base_is_refused_in_the_same_words_by_train_eval_and_merge(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    """All three commands check the model through phi3v_train.loading: one identical line."""
+    from test_evaluate import ucf_like
+
+    folder = tmp_path / "pickle_only"
+    folder.mkdir()
+    for path in base_dir.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, folder / path.name)
+    (folder / "pytorch_model.bin").write_bytes(b"never unpickled")
+    data = ucf_like(tmp_path / "data")
+    train = (data / "ucf_val.jsonl").read_text().replace('"val-', '"train-')
+    (data / "ucf_train.jsonl").write_text(train.replace('"val/', '"train/'))  # no id or leak
+    shutil.copytree(data / "images" / "val", data / "images" / "train")
+    (tmp_path / "adapter").mkdir()
+    model = ["--model_name_or_path", str(folder)]
+    commands = {
+        "train": [*model, "--data_dir", str(data), "--output_dir", str(tmp_path / "t")],
+        "eval": ["eval", *model, "--data_dir", str(data), "--split", "val"]
+        + ["--output_dir", str(tmp_path / "e")],
+        "merge": ["merge", *model, "--adapter", str(tmp_path / "adapter")]
+        + ["--output_dir", str(tmp_path / "m")],
+    }
+    started = {
+        name: subprocess.Popen(
+            [PHI3V_TRAIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, args in commands.items()
+    }
+    lines = {}
+    for name, process in started.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode != 0 and "Traceback" not in stderr, (name, stderr)
+        lines[name] = [line for line in (stdout + stderr).splitlines() if line.startswith("Error")]
+    expected = (
+        f"Error: {folder}: holds only pickle weights (pytorch_model.bin); only *.safetensors are "
+        "loaded (a pickle can run code): convert it to safetensors first (--model_name_or_path)"
+    )
+    assert lines == {name: [expected] for name in commands}
+    assert not (tmp_path / "t").exists() and not (tmp_path / "m").exists()
+    assert not any((tmp_path / "e").iterdir())  # eval proved it writable, wrote nothing
