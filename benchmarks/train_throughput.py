@@ -486,12 +486,8 @@ def write_profile(spec: RunSpec, step) -> None:
     path.write_text(f"{spec.mode} / {spec.attn}, one training step, sorted by {sort_by}\n{text}\n")
 
 
-def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
-    """Build, set up and train the model; time `steps` steps after `warmup` untimed ones."""
-    torch.manual_seed(spec.seed)
-    config = load_config(spec.config_dir)
-    train_config = trainer_config(spec)
-    dtype = weights_dtype(spec, train_config)
+def training_model(config, spec: RunSpec, train_config: TrainConfig, dtype: torch.dtype):
+    """The model in this mode, with the trainer's activation checkpointing, in training mode."""
     model = apply_mode(build_model(config, spec, dtype), spec, train_config)
     if spec.checkpoint_every:  # 1 = every layer, as the recipe and the trainer
         model.activation_checkpointing_enable(
@@ -500,6 +496,33 @@ def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
         )
     model.config.use_cache = False
     model.train()
+    return model
+
+
+def timed_steps(spec: RunSpec, step, inputs: list) -> tuple[list, list, list]:
+    """Wall and CPU seconds of each timed step, and its phases (warm-up steps untimed)."""
+    step_times, cpu_times, phases = [], [], []
+    for index in range(spec.warmup + spec.steps):
+        synchronize(spec.device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss = step(inputs=inputs[index % len(inputs)], phases=phases)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {index}")
+        if index >= spec.warmup:
+            step_times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+        else:
+            phases.clear()
+    return step_times, cpu_times, phases
+
+
+def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
+    """Build, set up and train the model; time `steps` steps after `warmup` untimed ones."""
+    torch.manual_seed(spec.seed)
+    config = load_config(spec.config_dir)
+    train_config = trainer_config(spec)
+    dtype = weights_dtype(spec, train_config)
+    model = training_model(config, spec, train_config, dtype)
     autocast = torch.autocast(
         device_type=torch.device(spec.device).type,
         dtype=torch.bfloat16,
@@ -519,19 +542,8 @@ def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(spec.device)
 
-    step_times, cpu_times, phases = [], [], []
-    for step in range(spec.warmup + spec.steps):
-        inputs, _ = device_batches[step % len(device_batches)]
-        synchronize(spec.device)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        loss = train_step(model, optimizer, params, inputs, autocast, spec.device, phases)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}")
-        if step >= spec.warmup:
-            step_times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
-        else:
-            phases.clear()
+    step = partial(train_step, model, optimizer, params, autocast=autocast, device=spec.device)
+    step_times, cpu_times, phases = timed_steps(spec, step, [i for i, _ in device_batches])
     if spec.profile_dir:
         inputs = device_batches[0][0]
         write_profile(
