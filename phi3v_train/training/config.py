@@ -62,6 +62,11 @@ class TrainConfig(SharedOptions):
         "batch_size_per_gpu), which must divide exactly.",
     )
     batch_size_per_gpu: int = Field(default=1, ge=1, description="Micro-batch per process.")
+    packing: bool = Field(
+        default=False,
+        description="Concatenate each micro-batch's samples into one row without padding "
+        "(attention and LongRoPE stay per sample); the same samples and losses as padded.",
+    )
     num_train_epochs: int = Field(default=1, ge=1, description="Epochs over the train split.")
     max_steps: int | None = Field(
         default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."

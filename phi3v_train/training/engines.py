@@ -88,9 +88,13 @@ class Engine:
 
     def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
         from phi3v_train.data import add_dummy_image_row
+        from phi3v_train.training.packing import add_dummy_image_sample
 
         if batch["pixel_values"] is None and self.dummy_image is not None:
-            batch = add_dummy_image_row(batch, self.dummy_image, self.pad_token_id)
+            if "attention_mask" not in batch:  # a packed row: the dummy is one more sample
+                batch = add_dummy_image_sample(batch, self.dummy_image)
+            else:
+                batch = add_dummy_image_row(batch, self.dummy_image, self.pad_token_id)
         device = self.dist.device
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         if batch["pixel_values"] is None:  # text-only micro-batch

@@ -155,6 +155,7 @@ def open_run(config: TrainConfig) -> Run:
 def load_data(run: Run) -> tuple[Any, Any, Any]:
     """Processor, training dataset and collator; the schedule is resolved and the plan written."""
     from phi3v_train.data import TrainCollator, TrainDataset
+    from phi3v_train.training.packing import PackingCollator
 
     config = run.config
     processor = load_processor(run.source, run.plan.num_crops, name=config.model_name_or_path)
@@ -174,7 +175,8 @@ def load_data(run: Run) -> tuple[Any, Any, Any]:
     run.plan = run.plan.with_schedule(len(dataset))
     if run.dist.is_main:
         write_run_plan(run.plan)
-    return processor, dataset, TrainCollator(pad_token_id=processor.tokenizer.pad_token_id)
+    collate = PackingCollator if config.packing else TrainCollator
+    return processor, dataset, collate(pad_token_id=processor.tokenizer.pad_token_id)
 
 
 def load_and_evaluate(run: Run, processor: Any) -> torch.nn.Module:
