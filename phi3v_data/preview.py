@@ -24,7 +24,7 @@ import click
 from phi3v_data.atomic import write_atomic
 from phi3v_data.dataset import images_root, record_context
 from phi3v_data.images import ImageError, load_image
-from phi3v_data.schema import IMAGE_PLACEHOLDER, Record, Turn
+from phi3v_data.schema import DEFAULT_NUM_CROPS, IMAGE_PLACEHOLDER, Record, Turn
 from phi3v_data.token_stats import (
     SplitTokens,
     TokenCounter,
@@ -37,8 +37,8 @@ from phi3v_data.validate import Problem, validate_dataset
 
 #: Longest side of a thumbnail, in pixels.
 THUMBNAIL_SIZE = 160
-#: Phi-3.5-vision's preprocessor_config.json num_crops (the default of --num_crops).
-DEFAULT_NUM_CROPS = 4
+#: JPEG quality of the embedded thumbnails (small pages; not the converters' quality).
+THUMBNAIL_JPEG_QUALITY = 70
 
 _STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
@@ -84,7 +84,7 @@ class _Thumbnails:
                 image = load_image(self.root, relative)
                 image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
                 stream = io.BytesIO()
-                image.save(stream, "JPEG", quality=70)
+                image.save(stream, "JPEG", quality=THUMBNAIL_JPEG_QUALITY)
                 data = base64.b64encode(stream.getvalue()).decode("ascii")
                 self.cache[relative] = (
                     f'<img src="data:image/jpeg;base64,{data}" alt="{_e(relative)}">'
@@ -256,7 +256,7 @@ def build_preview(
     "--num-crops",
     type=click.IntRange(1, 16),
     default=None,
-    help="num_crops of the token counts (default: dataset.json's num_crops, else 4).",
+    help=f"num_crops of the token counts (default: dataset.json's num_crops, else {DEFAULT_NUM_CROPS}).",
 )
 @click.option(
     "--out",

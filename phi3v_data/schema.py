@@ -181,6 +181,13 @@ class Record(BaseModel):
         return list(self.answers) if self.answers else [self.conversations[-1].assistant]
 
 
+#: num_crops when neither the command line nor dataset.json says (Phi-3.5-vision's own value); the
+#: one default used by training, evaluation, validate's token statistics, preview and plan.
+DEFAULT_NUM_CROPS = 16
+#: Most HD crops per image the model supports.
+MAX_NUM_CROPS = 16
+
+
 class DatasetInfo(BaseModel):
     """Optional ``dataset.json`` at the root of a dataset directory: the task as data.
 
@@ -206,7 +213,7 @@ class DatasetInfo(BaseModel):
     num_crops: int | None = Field(
         default=None,
         ge=1,
-        le=16,
+        le=MAX_NUM_CROPS,
         description="Suggested num_crops for this data (e.g. 4 for video).",
     )
     converter: dict[str, Any] | None = Field(

@@ -44,7 +44,7 @@ from phi3v_data.dataset import (
 )
 from phi3v_data.images import ImageError, image_file
 from phi3v_data.safe_io import open_regular
-from phi3v_data.schema import Record
+from phi3v_data.schema import MAX_NUM_CROPS, Record
 
 #: Characters of text per token in the estimate without a tokenizer.
 CHARS_PER_TOKEN = 4
@@ -88,7 +88,7 @@ class TokenCounter:
     def __init__(self, root: Path, num_crops: int, tokenizer: Any | None = None) -> None:
         from phi3v_train.model.image_processing_phi3_v import hd_size, num_image_tokens
 
-        if not 1 <= num_crops <= 16:
+        if not 1 <= num_crops <= MAX_NUM_CROPS:
             raise ValueError(f"num_crops must be 1..16, got {num_crops}")
         self.root = Path(os.path.realpath(root))
         self.num_crops = num_crops

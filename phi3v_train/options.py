@@ -24,10 +24,9 @@ import click
 from click.core import ParameterSource
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from phi3v_data.schema import DEFAULT_NUM_CROPS, MAX_NUM_CROPS
+
 AttnImpl = Literal["sdpa", "flash_attention_2", "eager"]
-#: num_crops when neither the command line nor dataset.json says (Phi-3.5-vision's own value).
-DEFAULT_NUM_CROPS = 16
-MAX_NUM_CROPS = 16
 DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
 
 

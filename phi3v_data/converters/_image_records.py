@@ -205,7 +205,9 @@ def help_from_docstring(first_line: str, docstring: str | None) -> str:
 # --------------------------------------------------------------------------- labelled JSON lines
 
 
-def find_split_files(src: Path, splits: Sequence[str], suffix: str, depth: int) -> dict[str, Path]:
+def find_labelled_jsonl(
+    src: Path, splits: Sequence[str], suffix: str, depth: int
+) -> dict[str, Path]:
     """split -> ``<split><suffix>`` in SRC or up to ``depth`` folders below (the first level
     holding any); raises :class:`SourceError` when none is found or a split has two files."""
     for level in range(depth + 1):
@@ -278,7 +280,7 @@ class LabeledRowsConverter(ImageRecordsConverter):
         groups = RecordGroups()
         skipped: list[Skipped] = []
         unlabeled: list[str] = []
-        for split, path in find_split_files(
+        for split, path in find_labelled_jsonl(
             src, self.splits, self.suffix, self.search_depth
         ).items():
             rows = list(iter_json_lines(path))

@@ -72,7 +72,7 @@ PARQUET_TEXT_COLUMNS = [
 
 
 @dataclass(frozen=True)
-class SplitFiles:
+class AnnotationFiles:
     """The annotation files of one output split."""
 
     split: str
@@ -80,7 +80,7 @@ class SplitFiles:
     paths: tuple[Path, ...]
 
 
-def find_split_files(src: Path, input_format: str = "auto") -> list[SplitFiles]:
+def find_annotation_files(src: Path, input_format: str = "auto") -> list[AnnotationFiles]:
     """The annotation files of each split in ``src``, in train/val/test order.
 
     ``input_format`` is ``auto``, ``rrc`` or ``parquet``; ``auto`` refuses a SRC that holds both
@@ -95,7 +95,7 @@ def find_split_files(src: Path, input_format: str = "auto") -> list[SplitFiles]:
                 rrc.setdefault(SPLITS[match[1]], []).append((match[2] is not None, path))
         elif (match := PARQUET_FILE.match(path.name)) and path.is_file():
             parquet.setdefault(SPLITS[match[1]], []).append(path)
-    found: list[SplitFiles] = []
+    found: list[AnnotationFiles] = []
     for split in SPLIT_ORDER:
         use_rrc = split in rrc and input_format in ("auto", "rrc")
         use_parquet = split in parquet and input_format in ("auto", "parquet")
@@ -106,9 +106,9 @@ def find_split_files(src: Path, input_format: str = "auto") -> list[SplitFiles]:
                 f"({parquet[split][0].name}); choose one with --format rrc|parquet",
             )
         if use_rrc:
-            found.append(SplitFiles(split, "rrc", (_pick_rrc_file(src, split, rrc[split]),)))
+            found.append(AnnotationFiles(split, "rrc", (_pick_rrc_file(src, split, rrc[split]),)))
         elif use_parquet:
-            found.append(SplitFiles(split, "parquet", tuple(sorted(parquet[split]))))
+            found.append(AnnotationFiles(split, "parquet", tuple(sorted(parquet[split]))))
     if not found:
         raise SourceError(
             src,
@@ -327,7 +327,7 @@ class DocVQAConverter(ImageRecordsConverter):
         pages = RecordGroups()
         skipped: list[Skipped] = []
         unlabeled: list[str] = []
-        for files in find_split_files(src, options.get("input_format") or "auto"):
+        for files in find_annotation_files(src, options.get("input_format") or "auto"):
             split = files.split
             if files.kind == "rrc":
                 rows = read_rrc_rows(files.paths[0])

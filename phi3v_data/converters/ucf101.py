@@ -56,7 +56,7 @@ SUBSET_DIRNAMES = ("UCF101_subset",)
 SUBSET_SPLITS = ("train", "val", "test")
 VIDEO_SUFFIXES = (".avi",)
 #: Pillow's default JPEG quality, which the original recipe's frames were saved with.
-JPEG_QUALITY = 75
+FRAME_JPEG_QUALITY = 75
 PROMPT_PREFIX = "Classify the video into one of the following classes: "
 _GROUP_CLIP = re.compile(r"_g(\d+)_c(\d+)$", re.IGNORECASE)
 
@@ -539,7 +539,7 @@ class Ucf101Converter(Converter):
         p = item.payload
         frame_count, indices, frames = read_sampled_frames(Path(p["video"]), p["num_frames"])
         paths = [
-            images.save(f"{p['folder']}.{k}.jpg", frame, quality=JPEG_QUALITY)
+            images.save(f"{p['folder']}.{k}.jpg", frame, quality=FRAME_JPEG_QUALITY)
             for k, frame in enumerate(frames)
         ]
         return [

@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from phi3v_data.schema import DEFAULT_NUM_CROPS, MAX_NUM_CROPS
 from phi3v_train.planning.command import Launch, global_batch, torchrun_command
 from phi3v_train.planning.gpus import SPEC_HELP, GpuSpec, parse_gpus
 from phi3v_train.planning.memory import ENGINES, MODES, Engine, Memory, Mode, Setup, estimate
@@ -263,7 +264,9 @@ def build_request(
 )
 @click.option("--tokens_per_sample", type=click.IntRange(1), help="Tokens per sample (no dataset).")
 @click.option(
-    "--num_crops", type=click.IntRange(1, 16), help="Max HD crops per image (default 16)."
+    "--num_crops",
+    type=click.IntRange(1, MAX_NUM_CROPS),
+    help=f"Max HD crops per image (default: dataset.json's num_crops, else {DEFAULT_NUM_CROPS}).",
 )
 @click.option("--batch_size_per_gpu", type=click.IntRange(1), help="Micro-batch (default: best).")
 @click.option("--batch_size", type=click.IntRange(1), help="Global batch (default: the trainer's).")

@@ -13,13 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from phi3v_data.schema import DEFAULT_NUM_CROPS
 from phi3v_train.planning.flops import SampleShape
 
 #: Placeholder tokens per CLIP crop after the 2×2 merge (the formula's leading term).
 TOKENS_PER_CROP = 144
 #: The load of RESULTS.md's throughput table: DocVQA-like pages at num_crops 16.
 MEASURED_TOKENS = 2455
-DEFAULT_NUM_CROPS = 16
 
 
 class SampleError(ValueError):
