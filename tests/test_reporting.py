@@ -306,3 +306,38 @@ def test_a_tracker_that_cannot_start_is_one_line(
     assert message.startswith("--report_to mlflow: cannot start: ") and "\n" not in message
     # the TensorBoard writer started first was closed: its event file is complete and readable
     assert _tensorboard_scalars(tmp_path / "logs")[0] == {}
+
+
+def test_training_reports_loss_and_eval_to_every_tracker_named(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, mlflow_file_store
+) -> None:
+    """The trainer end to end: `--report_to mlflow --report_to tensorboard` on a tiny run."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from train_helpers import logged_losses, tiny_model, train_in_process, write_dataset
+
+    data = write_dataset(tmp_path / "data", train=2, val=2, text_only_every=2)
+    out = tmp_path / "out"
+    train_in_process(
+        tiny_model(tmp_path_factory),
+        data,
+        out,
+        max_steps=2,
+        report_to=["mlflow", "tensorboard"],
+        skip_eval_after=False,
+        eval_max_samples=2,
+        max_new_tokens=4,
+    )
+    losses = [loss for _, loss in logged_losses(out)]
+    client = MlflowClient(tracking_uri=(out / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("phi3v")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [1, 2]
+    assert [m.value for m in history] == pytest.approx(losses)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy")] == [2]
+    assert run.data.params["max_steps"] == "2"
+    events = EventAccumulator(str(out / "logs"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import click
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from phi3v_train.options import (
     DEFAULT_NUM_CROPS,
@@ -30,6 +30,7 @@ from phi3v_train.options import (
     command_line_values,
     format_validation_error,
 )
+from phi3v_train.training.reporting import ReportTarget, parse_report_to
 
 __all__ = ["DEFAULT_NUM_CROPS", "MAX_NUM_CROPS", "AttnImpl", "TrainConfig", "build_config"]
 
@@ -158,12 +159,20 @@ class TrainConfig(SharedOptions):
     )
     skip_eval_after: bool = Field(default=False, description="Skip the evaluation after training.")
     logging_steps: int = Field(default=10, ge=1, description="Log the loss every N steps.")
-    report_to: Literal["tensorboard", "none"] = Field(
-        default="tensorboard", description="Where metrics go besides the console."
+    report_to: list[ReportTarget] = Field(
+        default=["tensorboard"],
+        description="Trackers besides the console: tensorboard, wandb, mlflow or none; repeat "
+        "the flag for several (wandb / mlflow need the extras: pip install 'phi3v[wandb,mlflow]').",
     )
     tqdm: bool = Field(default=True, description="Progress bar (--no-tqdm turns it off).")
 
     # ------------------------------------------------------------------------------------------
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, value: Any) -> list[str]:
+        """A name, a comma list (YAML) or a list; ``none`` alone means no tracker."""
+        return parse_report_to(value)
+
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:
         if self.use_lora is False and self.use_qlora:

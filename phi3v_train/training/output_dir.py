@@ -28,6 +28,8 @@ OWNED_NAMES = frozenset(
         "eval_after.json",
         "loss_curve.png",
         "logs",
+        "wandb",
+        "mlruns",
         "config.json",
         "generation_config.json",
         "model.safetensors",
@@ -49,7 +51,7 @@ OWNED_NAMES = frozenset(
 _OWNED_NUMBERED = re.compile(r"^(model-\d+-of-\d+\.safetensors|checkpoint-\d+(\.tmp)?|\.save-\d+)$")
 #: Written when a run starts, before its first checkpoint: a rerun of the same configuration with
 #: --resume may continue beside them (they are this same run's).
-_START_NAMES = frozenset({"train_config.yaml", "eval_before.json", "logs"})
+_START_NAMES = frozenset({"train_config.yaml", "eval_before.json", "logs", "wandb", "mlruns"})
 
 
 def owned_entries(out: Path) -> list[Path]:

@@ -49,6 +49,12 @@ from phi3v_train.training.output_dir import (
     prepare_output_dir,
     write_run_plan,
 )
+from phi3v_train.training.reporting import (
+    MultiReporter,
+    ReportingError,
+    build_reporters,
+    require_trackers,
+)
 from phi3v_train.training.run_plan import (
     RunPlan,
     TrainingError,
@@ -81,7 +87,7 @@ def train_command(ctx: click.Context, **params: Any) -> None:
         raise click.UsageError("--data_dir: missing (the dataset directory to train on)")
     try:
         train(config)
-    except (TrainingError, LoadingError) as error:
+    except (TrainingError, LoadingError, ReportingError) as error:
         click.echo(f"Error: {error}", err=True)
         sys.exit(2)
 
@@ -101,6 +107,7 @@ class Run:
     source: str
     resume_from: Path | None
     log: Any
+    reporter: MultiReporter
 
     @property
     def config(self) -> TrainConfig:
@@ -115,13 +122,14 @@ def train(config: TrainConfig) -> None:
     """The recipe: every phase below, in order (see the module docstring)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork
     run = open_run(config)
-    processor, dataset, collator = load_data(run)
-    model = load_and_evaluate(run, processor)
-    model = apply_strategy(run, model)
-    engine = build_engine(run.plan, model, run.dist, processor)
-    state = resume(run, engine)
-    run_loop(run, engine, dataset, collator, state)
-    finish(run, engine, processor, state)
+    with run.reporter:  # closed at the end; an exception marks the tracked runs failed
+        processor, dataset, collator = load_data(run)
+        model = load_and_evaluate(run, processor)
+        model = apply_strategy(run, model)
+        engine = build_engine(run.plan, model, run.dist, processor)
+        state = resume(run, engine)
+        run_loop(run, engine, dataset, collator, state)
+        finish(run, engine, processor, state)
 
 
 def open_run(config: TrainConfig) -> Run:
@@ -137,6 +145,7 @@ def open_run(config: TrainConfig) -> Run:
         raise TrainingError(str(error)) from None
     cuda = dist.device.type == "cuda"
     plan = resolve_plan(config, handle.info, handle.splits, dist.world_size, cuda=cuda)
+    require_trackers(config.report_to)  # a missing extra is one line, before any model loads
     resume_from = _resume_path(config)
     source = model_source(config)
     to_remove = check_output_dir(plan, resume_from, source)
@@ -149,7 +158,11 @@ def open_run(config: TrainConfig) -> Run:
         attn = plan.attn
         log(f"attention: {attn}" + ("" if attn == "flash_attention_2" else " (flash_attn absent)"))
     _seed_everything(config.seed)
-    return Run(plan, dist, handle, source, resume_from, log)
+    run_name = config.output_dir.resolve().name
+    reporter = build_reporters(
+        config.report_to, config.output_dir, run_name, None, is_main=dist.is_main, warn=log
+    )
+    return Run(plan, dist, handle, source, resume_from, log, reporter)
 
 
 def load_data(run: Run) -> tuple[Any, Any, Any]:
@@ -175,6 +188,7 @@ def load_data(run: Run) -> tuple[Any, Any, Any]:
     run.plan = run.plan.with_schedule(len(dataset))
     if run.dist.is_main:
         write_run_plan(run.plan)
+    run.reporter.log_config(run.plan.replay_values())
     collate = PackingCollator if config.packing else TrainCollator
     return processor, dataset, collate(pad_token_id=processor.tokenizer.pad_token_id)
 
@@ -187,7 +201,7 @@ def load_and_evaluate(run: Run, processor: Any) -> torch.nn.Module:
         model.to(run.dist.device)
     path = run.out / "eval_before.json"
     if run.plan.eval_split and not config.skip_eval_before and not path.exists():
-        _evaluate(run, model, processor, path, _eval_autocast(run))
+        _evaluate(run, model, processor, path, _eval_autocast(run), step=0)
     return model
 
 
@@ -231,15 +245,12 @@ def run_loop(run: Run, engine: Engine, dataset: Any, collator: Any, state) -> No
         f"accumulation {plan.accumulation}, global batch {config.batch_size}, "
         f"{plan.total_steps} optimizer steps"
     )
-    writer = _tensorboard(config, run.out) if run.dist.is_main else None
     progress = _progress(config, run.dist.is_main, plan.total_steps, state.global_step)
     kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
 
     def on_step(state: ckpt.TrainerState, loss: float) -> None:
         step, lr = state.global_step, engine.lr()
-        if writer is not None:
-            writer.add_scalar("train/loss", loss, step)
-            writer.add_scalar("train/learning_rate", lr, step)
+        run.reporter.log_metrics({"train/loss": loss, "train/learning_rate": lr}, step)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}")
@@ -254,8 +265,6 @@ def run_loop(run: Run, engine: Engine, dataset: Any, collator: Any, state) -> No
     train_loop(engine, plan, dataset, collator, state, on_step)
     if progress is not None:
         progress.close()
-    if writer is not None:
-        writer.close()
     run.log(f"trained {state.global_step} steps in {time.monotonic() - started:.1f}s")
 
 
@@ -267,9 +276,9 @@ def finish(run: Run, engine: Engine, processor: Any, state: ckpt.TrainerState) -
             run.log(f"evaluation after training skipped under {run.plan.engine} (sharded)")
         else:
             engine.unwrapped.config.use_cache = True
-            _evaluate(
-                run, engine.unwrapped, processor, run.out / "eval_after.json", engine.autocast()
-            )
+            path = run.out / "eval_after.json"
+            autocast = engine.autocast()
+            _evaluate(run, engine.unwrapped, processor, path, autocast, step=state.global_step)
     barrier()
     cleanup_distributed()
 
@@ -316,7 +325,7 @@ def _eval_autocast(run: Run):
     return nullcontext()
 
 
-def _evaluate(run: Run, model, processor, path: Path, autocast) -> None:
+def _evaluate(run: Run, model, processor, path: Path, autocast, *, step: int) -> None:
     from phi3v_train.evaluation.evaluate import evaluate_split
 
     config, split = run.config, run.plan.eval_split
@@ -331,6 +340,7 @@ def _evaluate(run: Run, model, processor, path: Path, autocast) -> None:
             batch_size=config.eval_batch_size,
             max_new_tokens=config.max_new_tokens,
             max_samples=config.eval_max_samples,
+            dist=run.dist,
         )
     if run.dist.is_main:
         try:
@@ -338,6 +348,7 @@ def _evaluate(run: Run, model, processor, path: Path, autocast) -> None:
         except OSError as error:
             raise TrainingError(f"cannot write {path.name}: {describe_os_error(error)}") from None
         run.log(f"{path.stem} ({split}):\n{result.format_table()}")
+    run.reporter.log_metrics({f"eval/{k}": v for k, v in result.metrics.items()}, step)
     model.train(was_training)
 
 
@@ -416,14 +427,6 @@ def _strategy_name(config: TrainConfig) -> str:
     if config.freeze_text_embeddings_with_vision:
         name += " (+ projector and text embeddings, as the original)"
     return name
-
-
-def _tensorboard(config: TrainConfig, out: Path):
-    if config.report_to != "tensorboard":
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(out / "logs"))
 
 
 def _progress(config: TrainConfig, is_main: bool, total: int, done: int):
