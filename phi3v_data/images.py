@@ -39,7 +39,7 @@ from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
-from phi3v_data.safe_io import open_regular
+from phi3v_data.safe_io import is_inside, open_regular
 
 #: Largest accepted image, in pixels (Pillow's own warning threshold, about 9459 x 9459). Phi-3-V
 #: never sees more than 16 crops of 336 x 336, so a larger image only costs memory.
@@ -87,7 +87,7 @@ def image_file(root: Path, relative: str) -> Path:
         raise ImageError(relative, "contains a NUL character")
     joined = os.path.join(root, relative)
     resolved = os.path.realpath(joined)
-    if resolved != str(root) and not resolved.startswith(str(root) + os.sep):
+    if not is_inside(root, resolved):
         raise ImageError(relative, f"resolves to {resolved}, outside images/ (symlink?)")
     if not os.path.exists(resolved):
         if os.path.islink(joined) or resolved != os.path.normpath(joined):

@@ -56,9 +56,15 @@ def join_inside(root: Path, relative: str, *, what: str = "path") -> Path:
         raise UnsafePath(f"{what} {text!r} has an empty, '.' or '..' component")
     real_root = os.path.realpath(root)
     resolved = os.path.realpath(os.path.join(real_root, *parts))
-    if resolved != real_root and not resolved.startswith(real_root + os.sep):
+    if not is_inside(real_root, resolved):
         raise UnsafePath(f"{what} {text!r} resolves to {resolved}, outside {root}")
     return Path(root, *parts)
+
+
+def is_inside(real_root: str | Path, resolved: str | Path) -> bool:
+    """True when the resolved path ``resolved`` is ``real_root`` or below it (both realpaths)."""
+    root, path = str(real_root), str(resolved)
+    return path == root or path.startswith(root + os.sep)
 
 
 def open_regular(path: Path | str) -> BinaryIO:

@@ -59,11 +59,6 @@ def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def process_rank() -> int:
-    """This process's rank: the process group's when joined, else torchrun's ``RANK`` (or 0)."""
-    return dist.get_rank() if _initialized() else int(os.environ.get("RANK", "0"))
-
-
 def share_from_main(produce: Callable[[], Any]) -> Any:
     """``produce()`` run on rank 0 only, its JSON-able result broadcast to every rank.
 
@@ -86,13 +81,13 @@ def share_from_main(produce: Callable[[], Any]) -> Any:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
         dist.barrier()
 
 
 def all_reduce_mean(value: float, device: torch.device) -> float:
     """Mean of a float over all ranks (identity in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _initialized():
         return value
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
@@ -100,5 +95,5 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
 
 
 def cleanup_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
         dist.destroy_process_group()
