@@ -68,6 +68,14 @@ class TrainConfig(SharedOptions):
         description="Concatenate each micro-batch's samples into one row without padding "
         "(attention and LongRoPE stay per sample); the same samples and losses as padded.",
     )
+    max_tokens_per_batch: int | None = Field(
+        default=None,
+        ge=1,
+        description="Form micro-batches by a token budget instead of --batch_size_per_gpu: "
+        "samples grouped by length, as many per micro-batch as fit in N tokens (padded length x "
+        "samples, or the real sum with --packing); deterministic and resumable. An optimizer "
+        "step is still batch_size / (world size x batch_size_per_gpu) micro-batches per process.",
+    )
     num_train_epochs: int = Field(default=1, ge=1, description="Epochs over the train split.")
     max_steps: int | None = Field(
         default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
@@ -125,6 +133,19 @@ class TrainConfig(SharedOptions):
         default=False,
         description="flash_attention_2 when the flash_attn package is installed, else SDPA "
         "(needs --bf16).",
+    )
+    bf16_weights: bool = Field(
+        default=False,
+        description="With --bf16 (plain / DDP): the model's weights in bf16 and fp32 master copies "
+        "held by the optimizer, instead of fp32 weights under bf16 autocast.",
+    )
+    liger_kernel: bool = Field(
+        default=False,
+        description="Liger Kernel's fused Triton kernels for the decoder's RMSNorm and SwiGLU MLP "
+        "(CUDA only; pip install 'phi3v[gpu]').",
+    )
+    compile: bool = Field(
+        default=False, description="torch.compile each decoder layer (first steps are slower)."
     )
     deepspeed: str | None = Field(
         default=None,
@@ -192,6 +213,13 @@ class TrainConfig(SharedOptions):
         if self.fsdp and (self.deepspeed or self.use_qlora):
             other = "--deepspeed" if self.deepspeed else "--use_qlora"
             raise ValueError(f"fsdp: --fsdp cannot run with {other} (choose one way to shard)")
+        if self.bf16_weights and not self.bf16:
+            raise ValueError("bf16_weights: bf16 weights with fp32 master copies need --bf16")
+        if self.bf16_weights and (self.deepspeed or self.fsdp):
+            raise ValueError(
+                "bf16_weights: DeepSpeed and FSDP already keep fp32 master weights under --bf16; "
+                "drop --bf16_weights"
+            )
         if self.deepspeed and self.use_qlora:
             raise ValueError("deepspeed: DeepSpeed ZeRO cannot shard a 4-bit QLoRA base model")
         if (
