@@ -112,8 +112,10 @@ def load_config(source: str | Path, what: str = MODEL_OPTION) -> Any:
 
 
 def training_dtype(config: TrainConfig) -> torch.dtype:
-    """Frozen LoRA bases run in bf16 under ``--bf16``; full fine-tuning keeps fp32 master weights."""
-    return torch.bfloat16 if (config.lora and config.bf16) else torch.float32
+    """Frozen LoRA bases run in bf16 under ``--bf16``, and so does every weight under
+    ``--bf16_weights`` (the optimizer keeps fp32 masters); otherwise fp32 weights."""
+    bf16 = config.bf16 and (config.lora or config.bf16_weights)
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def inference_dtype(name: str, device: torch.device) -> torch.dtype:

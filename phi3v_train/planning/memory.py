@@ -6,19 +6,20 @@ The dtype rules are the trainer's (``phi3v_train/training/train.py``):
   fp16 autocast; LoRA bases are bf16 under ``--bf16``, else fp32; QLoRA stores its linear layers
   in nf4 (0.5625 B) and the rest in bf16 (fp32 without ``--bf16``). Trained weights (LoRA adapters
   too: PEFT keeps them fp32) get an fp32 gradient (4 B) and AdamW's fp32 m and v (8 B). The
-  trainer's ``torch.optim.AdamW`` runs its CUDA default, the *foreach* kernels, which allocate one
-  fp32 scratch tensor per parameter of the group being stepped (``_foreach_sqrt`` of v): 4 B per
-  parameter of the largest group at the optimizer step. DDP (more than one GPU) keeps its own
-  gradient buckets, a second fp32 copy of every gradient;
+  trainer's AdamW is ``fused=True`` on CUDA (:mod:`phi3v_train.training.optimizer`): no scratch.
+  PyTorch's default *foreach* kernels (``Setup(fused_adamw=False)``) allocate one fp32 scratch
+  tensor per parameter of the group being stepped (``_foreach_sqrt`` of v): 4 B per parameter of
+  the largest group at the optimizer step. DDP (more than one GPU) keeps its own gradient
+  buckets, a second fp32 copy of every gradient;
 - **DeepSpeed** casts the whole module to bf16 (fp16 without ``--bf16``): 2 B per weight.
   ZeRO-2 keeps 2 B gradients of every trained weight and shards fp32 master, m, v and fp32
   gradient partitions (16 B) over the GPUs; ZeRO-3 also shards the 2 B weights and gathers the
   largest module whole (DeepSpeed's own estimate, ``estimate_zero{2,3}_model_states_mem_needs``),
   plus the reduce / all-gather buckets of our presets (5e8 elements each, 2 B);
 - **FSDP2** (``--fsdp``, planned with ``--bf16`` only) shards the weights as loaded (the dtype
-  rules above), their fp32 gradients, m, v and the foreach scratch over the GPUs; the bf16
-  mixed-precision policy gathers whole layers in bf16 (the root unit, the running layer, the
-  prefetched one and the reduce-scatter of a layer's gradients).
+  rules above), their fp32 gradients, m, v and the foreach scratch (FSDP's AdamW is not fused)
+  over the GPUs; the bf16 mixed-precision policy gathers whole layers in bf16 (the root unit, the
+  running layer, the prefetched one and the reduce-scatter of a layer's gradients).
 
 Activations, per sample, with non-reentrant checkpointing on every layer: the saved input of each
 decoder layer (t·h) and, when gradients flow through CLIP, of each CLIP layer it uses
@@ -51,8 +52,8 @@ ALLOCATOR_SLACK = 0.05
 ZERO_BUCKET = 5e8
 #: Bytes per logit: bf16/fp16 logits (2) plus the fp32 copy and its gradient in the loss (8).
 LOGIT_BYTES = 10
-#: The trainer's AdamW runs the foreach kernels (no ``fused=True``): see the module docstring.
-TRAINER_FUSED_ADAMW = False
+#: The trainer's AdamW (plain / DDP) is ``fused=True`` on CUDA: see the module docstring.
+TRAINER_FUSED_ADAMW = True
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def estimate(sizes: ModelSizes, setup: Setup, sample: SampleShape) -> Memory:
         shards = n if setup.engine == "fsdp" else 1
         weights += 4.0 * trained / shards if adapters else 0.0
         gradients, optimizer = 4.0 * trained / shards, 8.0 * trained / shards
-        if not setup.fused_adamw:
+        if setup.engine == "fsdp" or not setup.fused_adamw:
             scratch = 4.0 * _largest_group(sizes, mode) / shards
         if setup.engine == "fsdp":
             root = sizes.total - sizes.layers

@@ -38,6 +38,7 @@ from torch import nn
 
 from phi3v_train.distributed import DistInfo
 from phi3v_train.training import checkpointing as ckpt
+from phi3v_train.training.optimizer import MasterWeightAdamW, build_optimizer
 from phi3v_train.training.run_plan import RunPlan
 
 DEEPSPEED_CONFIG_DIR = Path(__file__).parent / "deepspeed_configs"
@@ -111,7 +112,11 @@ class Engine:
         self._loss_for_backward(loss).backward()
 
     def clip(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.trainable, self.plan.config.max_grad_norm)
+        """Clip the gradient norm; under ``--bf16_weights`` on the masters' fp32 gradients."""
+        params = self.trainable
+        if isinstance(self.optimizer, MasterWeightAdamW):
+            params = self.optimizer.master_grads()
+        torch.nn.utils.clip_grad_norm_(params, self.plan.config.max_grad_norm)
 
     def step(self) -> None:
         self.clip()
@@ -250,16 +255,13 @@ def _engine_class(name: str) -> type[Engine]:
 
 def build_engine(plan: RunPlan, model: nn.Module, dist: DistInfo, processor: Any) -> Engine:
     """The engine of ``plan.engine`` around ``model``: AdamW with the parameter groups and the
-    linear schedule, wrapped as that engine needs (chosen once, here)."""
+    linear schedule (:mod:`.optimizer`), wrapped as that engine needs (chosen once, here)."""
     from phi3v_train.data import dummy_image_example
-    from phi3v_train.training.strategies import param_groups
 
     config = plan.config
     cls = _engine_class(plan.engine)
     model = cls.shard(model, plan) if hasattr(cls, "shard") else model
-    optimizer = torch.optim.AdamW(
-        param_groups(model, config), lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-7
-    )
+    optimizer = build_optimizer(model, config, dist.device, plan.engine)
     scheduler = linear_schedule(optimizer, plan.warmup, plan.total_steps)
     engine = cls(plan, model, dist, optimizer, scheduler)
     engine.pad_token_id = processor.tokenizer.pad_token_id
