@@ -13,12 +13,16 @@
     working. Liger's own ``apply_liger_kernel_to_phi3`` is not used: it also patches
     ``transformers.models.phi3`` globally (rotary embedding, which our per-sample LongRoPE must
     not get, and the causal-LM forward for fused linear cross-entropy, which our model's
-    forward does not use).
+    forward does not use). Inside a layer that ``--compile`` compiled, the modules run their
+    plain torch code instead (dynamo never traces the Triton launches; inductor generates its own
+    fused kernels there), so Liger speeds up what stays eager: the final norm, and every layer
+    without ``--compile``.
   * ``--compile``: ``torch.compile`` of each decoder layer and each CLIP encoder layer in place
-    (as ``nn.Module.compile``), in training mode only (evaluation and generation stay eager). transformers' ``GradientCheckpointingLayer.__call__`` wraps the
-    compiled call, so non-reentrant checkpointing recomputes the compiled region. Layers of one
-    class share one compiled graph (parameters are graph inputs); sequence lengths vary, so the
-    second shape seen marks them dynamic.
+    (as ``nn.Module.compile``), in training mode only (evaluation and generation stay eager).
+    transformers' ``GradientCheckpointingLayer.__call__`` wraps the compiled call, so
+    non-reentrant checkpointing recomputes the compiled region. Layers of one class share one
+    compiled graph (parameters are graph inputs); sequence lengths vary, so the second shape seen
+    marks them dynamic.
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ class LigerPhi3RMSNorm(Phi3RMSNorm):
     fp32, the normalised input cast back to the input dtype, then scaled by the weight)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # inside a --compile'd layer: inductor fuses it
+            return super().forward(hidden_states)
         from liger_kernel.ops import LigerRMSNormFunction
 
         # offset 0, "llama" casting; in_place=False: dY is not overwritten with dX (one extra
@@ -96,6 +102,8 @@ class LigerPhi3MLP(Phi3MLP):
     modules (LoRA layers on ``gate_up_proj`` / ``down_proj`` keep working)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return super().forward(hidden_states)
         from liger_kernel.ops import LigerSiLUMulFunction
 
         gate, up_states = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
@@ -136,8 +144,9 @@ def compile_layers(model: nn.Module) -> tuple[int, int]:
         # Training shares one graph between the layers of a class (no per-layer guard), but leave
         # room for one entry per layer so that a per-layer specialisation never falls back to
         # eager silently.
-        limit = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = max(limit, decoder + 8)
+        # (cache_size_limit: recompile_limit's name before torch 2.7, an alias since)
+        limit = torch._dynamo.config.cache_size_limit
+        torch._dynamo.config.cache_size_limit = max(limit, decoder + 8)
     return decoder, vision
 
 
