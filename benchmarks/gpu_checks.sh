@@ -1,64 +1,83 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one call, for a CUDA machine without network (the H100 run):
-#   1. the environment (GPU, driver, versions)                       -> $OUT/env.txt
-#   2. the GPU-marked tests: pytest -m gpu                            -> $OUT/pytest_gpu.log
-#   3. the training-throughput table, every mode x attention
-#      (benchmarks/train_throughput.py, 6 timed + 2 warm-up steps)   -> $OUT/throughput.{md,json},
-#      and one profiled step per run (top operators by GPU time)     $OUT/throughput_logs/, .log,
-#                                                                        $OUT/profiles/
-#   4. packed vs padded (benchmarks/packing.py, full-size model, bf16 weights, full fine-tuning,
-#      DocVQA-like and short-answer loads, sdpa and flash_attention_2) -> $OUT/packing_<attn>.{md,json}
-#   5. when time is left, full / frozen-vision with all weights bf16 -> $OUT/throughput_bf16.*
-#   6. a summary with each step's exit code and the tables           -> $OUT/summary.md
+# Every GPU check of the project in one call, for a CUDA machine without network (the H200 run),
+# finished and summarised within END_S seconds (default 510) of its start:
+#   0. the wheels of .whl/ (benchmarks/device_wheels.sh) installed into /tmp/site, on PYTHONPATH
+#   1. the environment (GPU, driver, versions)                              -> $OUT/env.txt
+#   2. the GPU-marked tests: pytest -m gpu (capped at 120 s)                -> $OUT/pytest_gpu.log
+#   3. training throughput, full-size model, sdpa, 6 timed + 2 warm-up steps, one process per row
+#      (per-row timeout), rows in priority order: full fine-tuning at the trainer's defaults
+#      (mb 1); + bf16 weights with fp32 masters; + Liger; + both; + both and torch.compile; the
+#      fastest of those at micro-batch 4; LoRA mb 1 (<= 16 GB); QLoRA mb 1 (<= 10 GB)
+#                                                                        -> $OUT/throughput.{md,json}
+#   4. packed vs padded, full-size model, sdpa: the short-answer mix at micro-batch 8 (target:
+#      packed >= 1.5x tokens/s, same losses), then the DocVQA-like load  -> $OUT/packing.{md,json}
+#   5. the summary, printed last                                         -> $OUT/summary.md
+# Everything else (per-stage logs, per-row logs) goes into $OUT/logs.tar.gz, so that $OUT holds
+# at most 8 files and no folder.
 #
 #   bash benchmarks/gpu_checks.sh              # OUT defaults to ./gpu_out
 #   OUT=/some/dir PYTHON=/path/to/python bash benchmarks/gpu_checks.sh
 #   DRY_RUN=1 bash benchmarks/gpu_checks.sh    # prints every command a GPU run makes, runs none
 #   TINY=1 bash benchmarks/gpu_checks.sh       # rehearsal on a CPU machine: --tiny harnesses
+#   END_S=400 bash benchmarks/gpu_checks.sh    # a shorter global budget
 #
-# Not measured here (no flag exists yet): Liger kernels, torch.compile of the decoder layer,
-# bf16 parameters with fp32 master weights in the optimizer (issue 14 item 3).
-#
-# Runtime on one H100 80GB (estimate; caps in brackets): environment ~15 s; GPU tests ~1-2 min
-# [180 s]; throughput: 4 modes x (sdpa, flash_attention_2 when installed, eager), each run ~20-35 s
-# (fresh process, random full-size model built on the GPU, 8 steps of ~0.3-1.5 s), 8 runs ~4 min
-# without flash-attn and 12 runs ~6 min with it [no run starts after 270 s, each run killed after
-# 120 s]; step 4 only starts before 6.5 min and is capped at 150 s; so ~6-8 min in all, ~10 min
-# at worst. Rows that did not run say why (skipped: budget / flash_attn not installed, timeout,
-# crash, OOM) and the table is rewritten after every run, so a cut-short call still leaves every
-# finished row in $OUT/throughput.md.
+# Budget (seconds from the start; the H200 estimates in brackets): wheels + environment [~20];
+# pytest <= 120; throughput until END_S - 130 (each row ~20-30 s, compile ~2 min; no row starts
+# with < 20 s left, a row is killed at its timeout: 75 s, 150 s under --compile, or at the stage's
+# end); packing until END_S - 10 [~60-90 s], its rows written as they finish; the summary. Rows
+# that did not run say why (skipped: needs CUDA / liger_kernel or bitsandbytes not installed /
+# time, not available: a missing module, timeout, crash, error).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_out}"
+END_S="${END_S:-510}"
+PACKING_RESERVE="${PACKING_RESERVE:-120}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+RAW="$OUT/raw"  # per-stage logs: packed into logs.tar.gz at the end
+mkdir -p "$RAW"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# Full fine-tuning with fp32 master weights fills most of 80 GB: avoid fragmentation OOMs.
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 DRY_RUN="${DRY_RUN:-0}"
 TINY="${TINY:-0}"
-BENCH_ARGS=(--isolate --attn sdpa,flash_attention_2,eager --steps 6 --warmup 2)
-PACKING_ARGS=(--model full --device cuda --steps 4)
-PACKING_ATTN=(sdpa flash_attention_2)
+VARIANTS="full,full+bf16-weights,full+liger,full+bf16-weights+liger"
+VARIANTS+=",full+bf16-weights+liger+compile,best@4,lora,qlora"
+BENCH_ARGS=(--isolate --attn sdpa --steps 6 --warmup 2 --timeout 75)
+PACKING_ARGS=(--model full --device cuda --attn sdpa --steps 6 --loads short-mix,docvqa)
 NEED_GPU="torch.cuda.is_available()"
+MODEL_NOTE="full-size model, sdpa"
 if [ "$TINY" = 1 ]; then
-    BENCH_ARGS=(--isolate --tiny --attn sdpa,flash_attention_2)
-    PACKING_ARGS=(--model tiny --device cpu --steps 2)
-    PACKING_ATTN=(sdpa)
+    # In-process rows: a CPU rehearsal of the plan, not of the isolation (tested on its own).
+    BENCH_ARGS=(--no-isolate --tiny --attn sdpa --steps 1 --warmup 0)
+    PACKING_ARGS=(--model tiny --device cpu --attn sdpa --steps 2 --loads short-mix)
     NEED_GPU="True"
+    MODEL_NOTE="TINY: tiny preset on CPU, sdpa"
 fi
 [ "$DRY_RUN" = 1 ] && NEED_GPU="True"
 
-# step LOG TIMEOUT CMD...: run CMD with a time limit, output to LOG; DRY_RUN=1 only prints it.
+# step LOG LIMIT CMD...: run CMD with a time limit (s), output to LOG; DRY_RUN=1 only prints it.
 step() {
     local log="$1" limit="$2"
     shift 2
-    echo "+ timeout $limit $* >$log 2>&1"
+    echo "+ [${SECONDS}s] timeout $limit $* >$log 2>&1"
     [ "$DRY_RUN" = 1 ] && return 0
-    timeout "$limit" "$@" >"$log" 2>&1
+    timeout -k 10 "$limit" "$@" >"$log" 2>&1
 }
+
+# An exit code in words (124/137: killed at the stage's time limit).
+describe_rc() {
+    case "$1" in
+        0) echo "exit code 0" ;;
+        124 | 137) echo "exit code $1: stopped at the stage's time limit" ;;
+        *) echo "exit code $1" ;;
+    esac
+}
+
+# Seconds left before END_S, less a reserve.
+left() { echo $((END_S - SECONDS - ${1:-0})); }
 
 # The first interpreter whose torch sees a GPU: $PYTHON, the project's .venv, then the system one.
 pick_python() {
@@ -74,88 +93,137 @@ pick_python() {
     return 1
 }
 
+# $OUT at the end: the compact set, everything else in logs.tar.gz (runs once, also when killed).
+FINALIZED=0
+finalize() {
+    [ "$FINALIZED" = 1 ] && return
+    FINALIZED=1
+    [ -d "$RAW" ] || return
+    tar -czf "$OUT/logs.tar.gz" -C "$RAW" . 2>/dev/null
+    rm -rf "$RAW"
+}
+trap finalize EXIT
+trap 'exit 143' TERM INT
+
 PY="$(pick_python)" || {
     echo "no Python with a CUDA-enabled torch found (tried \$PYTHON, .venv/bin/python, python3)" \
         | tee "$OUT/summary.md"
     exit 1
 }
 
-{
+# 0. wheels: what the machine lacks (transformers 5.24, peft, pydantic, liger-kernel, ...).
+wheels_note="no .whl/ folder: the machine's own packages"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    if [ "$TINY" = 1 ]; then
+        wheels_note="TINY: .whl/ not installed (cp312 wheels for the device)"
+        echo "+ $wheels_note"
+    else
+        step "$RAW/wheels.log" 120 "$PY" -m pip install -q --no-index --no-deps --no-compile \
+            --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        wheels_rc=$?
+        export PYTHONPATH="/tmp/site:$PYTHONPATH"
+        wheels_note="$(find .whl -name '*.whl' | wc -l) wheels installed into /tmp/site (exit code $wheels_rc)"
+        [ "$DRY_RUN" = 1 ] || echo "$wheels_note"
+    fi
+fi
+
+# 1. environment.
+[ "$DRY_RUN" = 1 ] || {
     echo "# date: $(date -u '+%Y-%m-%d %H:%M UTC')   python: $PY   git: $(git rev-parse --short HEAD 2>/dev/null)"
+    echo "# wheels: $wheels_note"
     nvidia-smi 2>&1 || true
     "$PY" - <<'EOF'
 import importlib
+import importlib.metadata as metadata
 import torch
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", gpu)
-for name in ("transformers", "peft", "bitsandbytes", "accelerate", "deepspeed", "flash_attn"):
+for name, dist in (("transformers", "transformers"), ("peft", "peft"), ("pydantic", "pydantic"),
+                   ("accelerate", "accelerate"), ("triton", "triton"),
+                   ("liger_kernel", "liger-kernel"), ("bitsandbytes", "bitsandbytes"),
+                   ("flash_attn", "flash-attn"), ("deepspeed", "deepspeed")):
     try:
-        print(name, importlib.import_module(name).__version__)
+        module = importlib.import_module(name)
+        print(name, metadata.version(dist), "from", module.__file__.rsplit("/", 2)[0])
     except Exception as exc:
         print(name, "unavailable:", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
 EOF
 } >"$OUT/env.txt" 2>&1
-[ "$DRY_RUN" = 1 ] && echo "+ environment report >$OUT/env.txt 2>&1 (python: $PY)"
+echo "+ [${SECONDS}s] environment report >$OUT/env.txt 2>&1 (python: $PY)"
+[ "$DRY_RUN" = 1 ] || grep -E "^(torch|transformers|peft|liger_kernel|bitsandbytes) " "$OUT/env.txt"
 
+# 2. GPU-marked tests, only the modules that hold some (collecting the rest would need every
+# CPU-only dependency, PyAV, jsonschema, ..., on the GPU machine too).
 PYTEST_ARGS=(-m gpu -q -rs -p no:cacheprovider)
 if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then
-    PYTEST_ARGS+=(--timeout 150)
+    PYTEST_ARGS+=(--timeout 100)
 fi
-# Only the modules that hold GPU-marked tests: collecting the rest would need every CPU-only
-# dependency (PyAV, jsonschema, ...) on the GPU machine too.
 mapfile -t GPU_TEST_FILES < <(grep -l "mark.gpu" tests/test_*.py)
-step "$OUT/pytest_gpu.log" 180 "$PY" -m pytest "${PYTEST_ARGS[@]}" "${GPU_TEST_FILES[@]}"
+step "$OUT/pytest_gpu.log" 120 "$PY" -m pytest "${PYTEST_ARGS[@]}" "${GPU_TEST_FILES[@]}"
 pytest_rc=$?
 [ "$pytest_rc" -eq 5 ] && pytest_rc=0  # 5: no test is marked gpu, nothing failed
 
-step "$OUT/throughput.log" 420 "$PY" benchmarks/train_throughput.py "${BENCH_ARGS[@]}" \
-    --timeout 120 --budget 270 --out "$OUT/throughput.md" --profile-dir "$OUT/profiles"
-bench_rc=$?
-
-# Packed vs padded on both loads, same samples, same losses (full fine-tuning, bf16 weights).
-packing_rc=0
-for attn in "${PACKING_ATTN[@]}"; do
-    if [ "$attn" = flash_attention_2 ] && [ "$DRY_RUN" != 1 ] \
-        && ! "$PY" -c "import flash_attn" >/dev/null 2>&1; then
-        echo "flash_attn not installed: packing with flash_attention_2 skipped" \
-            >"$OUT/packing_$attn.log"
-        continue
-    fi
-    step "$OUT/packing_$attn.log" 150 "$PY" benchmarks/packing.py "${PACKING_ARGS[@]}" \
-        --attn "$attn" --out "$OUT/packing_$attn.md" || packing_rc=$?
+# 3. throughput rows, in priority order, until END_S - PACKING_RESERVE.
+bench_limit=$(left $((PACKING_RESERVE + 10)))
+bench_rc=0
+if [ "$bench_limit" -ge 30 ] || [ "$DRY_RUN" = 1 ]; then
+    step "$RAW/throughput.log" $((bench_limit + 20)) "$PY" benchmarks/train_throughput.py \
+        "${BENCH_ARGS[@]}" --variants "$VARIANTS" --time-limit "$bench_limit" \
+        --out "$RAW/throughput.md"
+    bench_rc=$?
+else
+    echo "throughput skipped: only $bench_limit s left" | tee "$RAW/throughput.log"
+    bench_rc=124
+fi
+for ext in md json; do
+    [ -f "$RAW/throughput.$ext" ] && cp "$RAW/throughput.$ext" "$OUT/throughput.$ext"
 done
 
-# If time is left: full fine-tuning with every weight in bf16 (half the memory and no autocast
-# casts of fp32 master weights), the first candidate for beating the trainer's default.
-if [ "$SECONDS" -lt 390 ] || [ "$DRY_RUN" = 1 ]; then
-    step "$OUT/throughput_bf16.log" 150 "$PY" benchmarks/train_throughput.py "${BENCH_ARGS[@]}" \
-        --precision bf16 --modes full,frozen-vision --attn sdpa --timeout 100 \
-        --out "$OUT/throughput_bf16.md"
+# 4. packed vs padded (short-mix first: the issue's target), rows written as they finish.
+pack_limit=$(left 10)
+packing_rc=0
+if [ "$pack_limit" -ge 30 ] || [ "$DRY_RUN" = 1 ]; then
+    step "$RAW/packing.log" "$pack_limit" "$PY" benchmarks/packing.py "${PACKING_ARGS[@]}" \
+        --out "$RAW/packing.md"
+    packing_rc=$?
+else
+    echo "packing skipped: only $pack_limit s left" | tee "$RAW/packing.log"
+    packing_rc=124
 fi
+for ext in md json; do
+    [ -f "$RAW/packing.$ext" ] && cp "$RAW/packing.$ext" "$OUT/packing.$ext"
+done
 [ "$DRY_RUN" = 1 ] && exit 0
 
+# 5. summary, printed last (the call returns only the end of the output).
+pytest_line="$(grep -E "(passed|failed|skipped|error|no tests ran)" "$OUT/pytest_gpu.log" | tail -n 1)"
 {
-    echo "# GPU checks $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "# GPU checks $(date -u '+%Y-%m-%d %H:%M UTC'), ${SECONDS} s"
     echo
-    echo "- environment (env.txt): $(grep -m1 "^torch" "$OUT/env.txt")"
-    echo "- pytest -m gpu: exit code $pytest_rc ($(tail -n 1 "$OUT/pytest_gpu.log"))"
-    echo "- throughput harness: exit code $bench_rc (log: throughput.log, per run: throughput_logs/)"
-    echo "- packed vs padded: exit code $packing_rc (logs: packing_<attn>.log)"
+    echo "- environment (env.txt): $(grep -m1 "^torch" "$OUT/env.txt"); $wheels_note"
+    echo "- versions: $(grep -E "^(transformers|peft|liger_kernel|bitsandbytes|triton) " \
+        "$OUT/env.txt" | cut -d' ' -f1-2 | sed 's/:$//' | paste -sd ',' | sed 's/,/, /g')"
+    echo "- pytest -m gpu: exit code $pytest_rc (${pytest_line:-no summary line})"
+    grep -E "^(FAILED|ERROR) " "$OUT/pytest_gpu.log" | head -n 10 | sed 's/^/  - /'
+    echo "- throughput: $(describe_rc "$bench_rc") (stage and per-row logs in logs.tar.gz)"
+    echo "- packed vs padded: $(describe_rc "$packing_rc") (finished rows are kept)"
     echo
-    cat "$OUT/throughput.md" 2>/dev/null || echo "(no throughput table: see throughput.log)"
-    if [ -f "$OUT/throughput_bf16.md" ]; then
-        echo
-        echo "## --precision bf16 (all weights bf16)"
-        echo
-        grep '^|' "$OUT/throughput_bf16.md"
+    echo "## Training throughput ($MODEL_NOTE)"
+    echo
+    if [ -f "$OUT/throughput.md" ]; then
+        sed -n '/^| mode/,$p' "$OUT/throughput.md"
+    else
+        echo "(no table: see throughput.log in logs.tar.gz)"
+        tail -n 5 "$RAW/throughput.log" 2>/dev/null
     fi
-    for table in "$OUT"/packing_*.md; do
-        [ -f "$table" ] || continue
-        echo
-        echo "## packed vs padded: $(basename "$table" .md)"
-        echo
-        cat "$table"
-    done
+    echo
+    echo "## Packed vs padded"
+    echo
+    cat "$OUT/packing.md" 2>/dev/null || {
+        echo "(no table: see packing.log in logs.tar.gz)"
+        tail -n 5 "$RAW/packing.log" 2>/dev/null
+    }
 } >"$OUT/summary.md"
+finalize
 cat "$OUT/summary.md"
 [ "$pytest_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$packing_rc" -eq 0 ]

@@ -6,6 +6,8 @@ num_crops 16, about 2443 tokens per sample, micro-batch 1, gradient checkpointin
     python benchmarks/train_throughput.py --out gpu_out/throughput.md
     python benchmarks/train_throughput.py --modes full,lora --attn sdpa --steps 12
     python benchmarks/train_throughput.py --tiny          # the same code, tiny model, CPU (CI)
+    python benchmarks/train_throughput.py --attn sdpa --variants \
+        full,full+bf16-weights,full+liger,full+bf16-weights+liger+compile,best@4,lora,qlora
 
 For every mode (full fine-tuning, frozen vision, LoRA r64, QLoRA nf4) and attention implementation
 (eager, sdpa, flash_attention_2 when importable) it reports img/s, tokens/s, model TFLOP/s, MFU
@@ -28,6 +30,16 @@ What runs:
   not part of the measurement);
 - a training step is forward, backward, gradient clipping at 1.0 and an AdamW step, with the
   modes set up by the trainer's own code (`phi3v_train.training.strategies`);
+- the trainer's speed options (issue 14) are measured as the trainer builds them:
+  `--bf16-weights` (TrainConfig.bf16_weights: bf16 weights, fp32 masters in the optimizer),
+  `--liger` (liger_kernel: Liger's RMSNorm / SwiGLU, CUDA only) and `--compile` (compile: each
+  decoder / CLIP layer); the optimizer comes from `phi3v_train.training.optimizer.build_optimizer`
+  (plain engine: fused AdamW on CUDA) and the kernels from
+  `phi3v_train.training.kernels.apply_kernels`; a row whose module or package is missing says
+  "not available" / "skipped" and the others still run. `--variants` lists rows as
+  MODE[+OPTION...][@MICRO_BATCH] in priority order (`best@4`: the fastest full row so far, rerun
+  at micro-batch 4); each row records its options, micro-batch, optimizer and kernels. Under
+  `--compile` the warm-up covers every batch shape, so recompilation is not timed;
 - every mode x attention combination runs in its own subprocess (`--isolate`, the default on GPU)
   so that an out-of-memory error, a missing bitsandbytes CUDA kernel or a crash becomes a row of
   the table with its error and the other rows still run.
@@ -40,6 +52,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -49,7 +62,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -80,6 +93,10 @@ from phi3v_train.training.strategies import (
 )
 
 MODES = ("full", "frozen-vision", "lora", "qlora")
+# The trainer's speed options a row can use (TrainConfig.bf16_weights, liger_kernel, compile).
+OPTIONS = ("bf16-weights", "liger", "compile")
+NEEDS_CUDA = ("liger",)  # Liger's kernels are Triton: no CPU build
+MIN_RUN_S = 20.0  # under --time-limit, no run starts with less time left
 ATTENTIONS = ("eager", "sdpa", "flash_attention_2")
 GIB = 1024**3
 
@@ -100,6 +117,8 @@ PEAK_BF16_TFLOPS = (
 
 # The original recipe's published figures (8xA100-80GB, flash attention, bf16, DocVQA-like load),
 # per GPU, for the comparison column of the table.
+# Peak memory of the original's LoRA / QLoRA runs (micro-batch 1), the targets of issue 14.
+MEMORY_TARGET_GB = {"lora": 16, "qlora": 10}
 ORIGINAL_PER_GPU = {
     "full": "1.08 img/s, ~36 GB",
     "frozen-vision": "3.96 img/s",
@@ -305,6 +324,21 @@ class RunSpec:
     checkpoint_every: int = 1
     profile_dir: str | None = None
     seed: int = 0
+    bf16_weights: bool = False  # bf16 weights, fp32 masters in the optimizer (--bf16_weights)
+    liger: bool = False  # Liger's RMSNorm / SwiGLU kernels (--liger_kernel)
+    compile: bool = False  # torch.compile of each decoder / CLIP layer (--compile)
+
+    @property
+    def options(self) -> list[str]:
+        """The trainer options this run uses, in OPTIONS order."""
+        chosen = {"bf16-weights": self.bf16_weights, "liger": self.liger, "compile": self.compile}
+        return [name for name in OPTIONS if chosen[name]]
+
+    @property
+    def stem(self) -> str:
+        """File-name stem of this run's log and profile: mode, options, micro-batch, attention."""
+        parts = [self.mode, *self.options] + ([f"mb{self.micro_batch}"] * (self.micro_batch > 1))
+        return "_".join([*parts, self.attn])
 
 
 @dataclass
@@ -328,6 +362,12 @@ class RunResult:
     total_params: int | None = None
     training: dict[str, str] = field(default_factory=dict)
     phase_s: dict[str, float] = field(default_factory=dict)  # mean seconds per step phase
+    options: list[str] = field(default_factory=list)  # trainer options used (OPTIONS)
+    micro_batch: int | None = None
+    kernels: list[str] = field(default_factory=list)  # what apply_kernels changed
+    optimizer: str | None = None  # e.g. "MasterWeightAdamW (fused)"
+    warmup_steps: int | None = None
+    warmup_s: float | None = None  # untimed warm-up (torch.compile's compilation lands here)
 
 
 def flash_attn_available() -> bool:
@@ -353,13 +393,21 @@ def trainer_config(spec: RunSpec) -> TrainConfig:
         "lora": {"use_lora": True, "lora_rank": spec.lora_rank},
         "qlora": {"use_qlora": True, "lora_rank": spec.lora_rank},
     }[spec.mode]
-    return TrainConfig(bf16=spec.device.startswith("cuda"), **flags)
+    return TrainConfig(
+        # --bf16_weights needs --bf16; on CPU too, so that the tiny run exercises its optimizer.
+        bf16=spec.device.startswith("cuda") or spec.bf16_weights,
+        bf16_weights=spec.bf16_weights,
+        liger_kernel=spec.liger,
+        compile=spec.compile,
+        **flags,
+    )
 
 
 def weights_dtype(spec: RunSpec, train_config: TrainConfig) -> torch.dtype:
     """The trainer's rule (phi3v_train.loading.training_dtype); --precision bf16 makes every
-    weight bf16 (pure bf16 training: half the memory, no casts)."""
-    if train_config.bf16 and spec.precision == "bf16":
+    weight bf16 (pure bf16 training: half the memory, no casts); so does --bf16-weights (whose
+    optimizer keeps fp32 masters)."""
+    if train_config.bf16 and (spec.precision == "bf16" or train_config.bf16_weights):
         return torch.bfloat16
     return training_dtype(train_config)
 
@@ -446,9 +494,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+class Unavailable(RuntimeError):
+    """A row's option cannot be measured here (its module or package is missing)."""
+
+
 def train_step(model, optimizer, params, inputs, autocast, device: str, phases: list) -> float:
     """Forward, backward, clipping and AdamW step; appends (forward, backward, optimizer) seconds
-    (with a device synchronisation between the phases) to `phases`; returns the loss."""
+    (with a device synchronisation between the phases) to `phases`; returns the loss.
+
+    Clipping acts where the trainer's engine clips: on the fp32 masters' gradients under
+    --bf16-weights (MasterWeightAdamW.master_grads), else on the parameters' own."""
     marks = [time.perf_counter()]
     with autocast:
         loss = model(**inputs).loss
@@ -457,7 +512,8 @@ def train_step(model, optimizer, params, inputs, autocast, device: str, phases: 
     loss.backward()
     synchronize(device)
     marks.append(time.perf_counter())
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    master_grads = getattr(optimizer, "master_grads", None)
+    torch.nn.utils.clip_grad_norm_(master_grads() if master_grads else params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     synchronize(device)
@@ -481,13 +537,49 @@ def write_profile(spec: RunSpec, step) -> None:
         text = prof.key_averages().table(sort_by=sort_by, row_limit=25)
     except Exception as exc:  # the measurement is done; a profile is a bonus
         text = f"profiling failed: {describe_exception(exc)}"
-    path = Path(spec.profile_dir) / f"{spec.mode}_{spec.attn}.txt"
+    path = Path(spec.profile_dir) / f"{spec.stem}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{spec.mode} / {spec.attn}, one training step, sorted by {sort_by}\n{text}\n")
+    title = " + ".join([spec.mode, *spec.options]) + f" / {spec.attn}, mb {spec.micro_batch}"
+    path.write_text(f"{title}, one training step, sorted by {sort_by}\n{text}\n")
+
+
+def build_optimizer_for(model, train_config: TrainConfig, spec: RunSpec) -> torch.optim.Optimizer:
+    """The trainer's optimizer (phi3v_train.training.optimizer.build_optimizer, plain engine:
+    fused AdamW on CUDA, fp32 masters under --bf16-weights). Without that module, rows that do
+    not need it get the same AdamW built here; a --bf16-weights row is unavailable."""
+    try:
+        from phi3v_train.training.optimizer import build_optimizer
+    except ImportError as exc:
+        if train_config.bf16_weights:
+            raise Unavailable(f"phi3v_train.training.optimizer: {exc}") from None
+        return torch.optim.AdamW(
+            param_groups(model, train_config),
+            lr=train_config.learning_rate,
+            betas=(0.9, 0.95),
+            eps=1e-7,
+            fused=spec.device.startswith("cuda"),
+        )
+    return build_optimizer(model, train_config, torch.device(spec.device), "plain")
+
+
+def apply_run_kernels(model, train_config: TrainConfig, spec: RunSpec) -> list[str]:
+    """The trainer's --liger_kernel / --compile (phi3v_train.training.kernels.apply_kernels)."""
+    if not (train_config.liger_kernel or train_config.compile):
+        return []
+    try:
+        from phi3v_train.training.kernels import apply_kernels, check_kernels
+    except ImportError as exc:
+        raise Unavailable(f"phi3v_train.training.kernels: {exc}") from None
+    try:
+        check_kernels(train_config, torch.device(spec.device))
+    except Exception as exc:  # PlanError: one line saying why (no CUDA, no liger_kernel)
+        raise Unavailable(str(exc)) from None
+    return apply_kernels(model, train_config)
 
 
 def training_model(config, spec: RunSpec, train_config: TrainConfig, dtype: torch.dtype):
-    """The model in this mode, with the trainer's activation checkpointing, in training mode."""
+    """The model in this mode, with the trainer's activation checkpointing, in training mode,
+    then the trainer's kernels (after checkpointing, as the trainer); returns (model, kernels)."""
     model = apply_mode(build_model(config, spec, dtype), spec, train_config)
     if spec.checkpoint_every:  # 1 = every layer, as the recipe and the trainer
         model.activation_checkpointing_enable(
@@ -496,45 +588,58 @@ def training_model(config, spec: RunSpec, train_config: TrainConfig, dtype: torc
         )
     model.config.use_cache = False
     model.train()
-    return model
+    return model, apply_run_kernels(model, train_config, spec)
 
 
-def timed_steps(spec: RunSpec, step, inputs: list) -> tuple[list, list, list]:
+def warmup_steps(spec: RunSpec, batch_count: int) -> int:
+    """Untimed steps: under --compile at least one pass over every batch shape, so that no
+    recompilation (the second shape marks the graphs dynamic) falls into the timed steps."""
+    return max(spec.warmup, batch_count + 1) if spec.compile else spec.warmup
+
+
+@dataclass
+class Timings:
+    step_s: list[float]
+    cpu_s: list[float]
+    phases: list[tuple[float, ...]]
+    warmup: int
+    warmup_s: float
+
+
+def timed_steps(spec: RunSpec, step, inputs: list) -> Timings:
     """Wall and CPU seconds of each timed step, and its phases (warm-up steps untimed)."""
-    step_times, cpu_times, phases = [], [], []
-    for index in range(spec.warmup + spec.steps):
+    warmup = warmup_steps(spec, len(inputs))
+    timings = Timings([], [], [], warmup, 0.0)
+    for index in range(warmup + spec.steps):
         synchronize(spec.device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss = step(inputs=inputs[index % len(inputs)], phases=phases)
+        loss = step(inputs=inputs[index % len(inputs)], phases=timings.phases)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {index}")
-        if index >= spec.warmup:
-            step_times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
+        if index >= warmup:
+            timings.step_s.append(time.perf_counter() - start)
+            timings.cpu_s.append(time.process_time() - cpu_start)
         else:
-            phases.clear()
-    return step_times, cpu_times, phases
+            synchronize(spec.device)
+            timings.warmup_s += time.perf_counter() - start
+            timings.phases.clear()
+    return timings
 
 
 def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
-    """Build, set up and train the model; time `steps` steps after `warmup` untimed ones."""
+    """Build, set up and train the model; time `steps` steps after the warm-up ones."""
     torch.manual_seed(spec.seed)
     config = load_config(spec.config_dir)
     train_config = trainer_config(spec)
     dtype = weights_dtype(spec, train_config)
-    model = training_model(config, spec, train_config, dtype)
+    model, kernels = training_model(config, spec, train_config, dtype)
     autocast = torch.autocast(
         device_type=torch.device(spec.device).type,
         dtype=torch.bfloat16,
         enabled=train_config.bf16,
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        param_groups(model, train_config),
-        betas=(0.9, 0.95),
-        eps=1e-7,
-        fused=spec.device.startswith("cuda"),
-    )
+    optimizer = build_optimizer_for(model, train_config, spec)
     device_batches = [(move(b.inputs, spec.device), b) for b in batches]
     # Peak memory of training only: the bf16 copy QLoRA quantizes from is gone by now.
     gc.collect()
@@ -543,28 +648,43 @@ def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
         torch.cuda.reset_peak_memory_stats(spec.device)
 
     step = partial(train_step, model, optimizer, params, autocast=autocast, device=spec.device)
-    step_times, cpu_times, phases = timed_steps(spec, step, [i for i, _ in device_batches])
+    timings = timed_steps(spec, step, [i for i, _ in device_batches])
     if spec.profile_dir:
         inputs = device_batches[0][0]
         write_profile(
             spec, partial(train_step, model, optimizer, params, inputs, autocast, spec.device, [])
         )
-
     timed = [
         device_batches[s % len(device_batches)][1]
-        for s in range(spec.warmup, spec.warmup + spec.steps)
+        for s in range(timings.warmup, timings.warmup + spec.steps)
     ]
-    elapsed = sum(step_times)
+    result = result_row(spec, config, model, timed, timings)
+    result.weights = describe_weights(dtype, train_config)
+    result.kernels = kernels
+    result.optimizer = describe_optimizer(optimizer)
+    result.trainable_params = sum(p.numel() for p in params)
+    del model, optimizer, params, device_batches
+    gc.collect()
+    if spec.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return result
+
+
+def result_row(spec: RunSpec, config, model, timed: list[Batch], timings: Timings) -> RunResult:
+    """The figures of the timed steps (FLOPs by phi3v_train.planning.flops, peak memory)."""
+    elapsed = sum(timings.step_s)
     training = observed_training(model, spec.lora_rank)
     shapes = [shape for batch in timed for shape in batch.shapes]
     flops = training_flops(ModelDims.from_config(config), training, shapes)
     _, detected_peak = detect_peak_tflops(spec.device)
     peak = spec.peak_tflops or detected_peak
     tflops_per_s = flops.total / elapsed / 1e12
-    result = RunResult(
+    phases = timings.phases
+    return RunResult(
         mode=spec.mode,
         attn=spec.attn,
-        weights=describe_weights(dtype, train_config),
+        options=spec.options,
+        micro_batch=spec.micro_batch,
         img_per_s=sum(batch.images for batch in timed) / elapsed,
         tokens_per_s=sum(batch.tokens for batch in timed) / elapsed,
         tflops_per_s=tflops_per_s,
@@ -574,35 +694,46 @@ def measure(spec: RunSpec, batches: list[Batch]) -> RunResult:
             if spec.device.startswith("cuda")
             else None
         ),
-        step_s_mean=elapsed / len(step_times),
-        step_s_max=max(step_times),
-        cpu_s_per_step=sum(cpu_times) / len(cpu_times),
+        step_s_mean=elapsed / len(timings.step_s),
+        step_s_max=max(timings.step_s),
+        cpu_s_per_step=sum(timings.cpu_s) / len(timings.cpu_s),
         phase_s={
             name: sum(p[i] for p in phases) / len(phases)
             for i, name in enumerate(("forward", "backward", "optimizer"))
         },
         tokens_per_sample=sum(s.seq_len for s in shapes) / len(shapes),
         tflop_per_sample=flops.total / len(shapes) / 1e12,
-        trainable_params=sum(p.numel() for p in params),
         total_params=sum(p.numel() for p in model.parameters()),
         training={k: v for k, v in asdict(training).items() if k != "lora_rank"},
+        warmup_steps=timings.warmup,
+        warmup_s=timings.warmup_s,
     )
-    del model, optimizer, params, device_batches
-    gc.collect()
-    if spec.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return result
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+    fused = any(group.get("fused") for group in optimizer.param_groups)
+    return f"{type(optimizer).__name__} ({'fused' if fused else 'foreach'})"
 
 
 def describe_weights(dtype: torch.dtype, train_config: TrainConfig) -> str:
     base = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     if train_config.use_qlora:
         base = f"nf4+{base}"
+    if train_config.bf16_weights:
+        base = f"{base}+fp32 masters"
     return f"{base}, bf16 autocast" if train_config.bf16 else base
 
 
-def error_row(mode: str, attn: str, status: str, error: str) -> RunResult:
-    return RunResult(mode=mode, attn=attn, status=status, error=" ".join(error.split())[:300])
+def error_row(spec: RunSpec, status: str, error: str) -> RunResult:
+    """A row that was not measured, with the options and micro-batch it would have used."""
+    return RunResult(
+        mode=spec.mode,
+        attn=spec.attn,
+        status=status,
+        error=" ".join(error.split())[:300],
+        options=spec.options,
+        micro_batch=spec.micro_batch,
+    )
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -612,12 +743,14 @@ def describe_exception(exc: BaseException) -> str:
 def run_in_process(spec: RunSpec, batches: list[Batch]) -> RunResult:
     try:
         return measure(spec, batches)
+    except Unavailable as exc:  # the option's module or package is missing: say so, no trace
+        return error_row(spec, "not available", str(exc))
     except Exception as exc:  # a failing mode is a row of the table, never the end of the run
         traceback.print_exc()
         gc.collect()
         if spec.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        return error_row(spec.mode, spec.attn, "error", describe_exception(exc))
+        return error_row(spec, "error", describe_exception(exc))
 
 
 def run_isolated(spec: RunSpec, batches_file: Path, log_file: Path, timeout: float) -> RunResult:
@@ -634,12 +767,12 @@ def run_isolated(spec: RunSpec, batches_file: Path, log_file: Path, timeout: flo
         try:
             proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return error_row(spec.mode, spec.attn, "timeout", f"no result after {timeout:.0f} s")
+            return error_row(spec, "timeout", f"no result after {timeout:.0f} s")
     if result_file.is_file():
         return RunResult(**json.loads(result_file.read_text()))
     lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
     last = lines[-1] if lines else "no output"
-    return error_row(spec.mode, spec.attn, "crash", f"exit code {proc.returncode}: {last}")
+    return error_row(spec, "crash", f"exit code {proc.returncode}: {last}")
 
 
 def worker(payload: str) -> None:
@@ -665,41 +798,66 @@ def _fmt(value: float | None, digits: int) -> str:
 
 def format_table(rows: list[RunResult]) -> str:
     header = (
-        "| mode | attention | weights | img/s | tokens/s | TFLOP/s | MFU | peak GiB | s/step | "
-        "fwd / bwd / opt s | "
+        "| mode | options | mb | attention | weights | img/s | tokens/s | TFLOP/s | MFU | "
+        "peak GiB | s/step | fwd / bwd / opt s | warm-up s | "
         "tokens/sample | TFLOP/sample | trainable params | original (A100, per GPU) | status |"
     )
     lines = [header, "|" + "|".join("---" for _ in range(header.count("|") - 1)) + "|"]
     for row in rows:
         status = row.status if row.status == "ok" else f"{row.status}: {row.error}"
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    row.mode,
-                    row.attn,
-                    row.weights or "–",
-                    _fmt(row.img_per_s, 3),
-                    _fmt(row.tokens_per_s, 0),
-                    _fmt(row.tflops_per_s, 1),
-                    "–" if row.mfu is None else f"{100 * row.mfu:.1f} %",
-                    _fmt(row.peak_mem_gib, 1),
-                    _fmt(row.step_s_mean, 3),
-                    " / ".join(
-                        _fmt(row.phase_s.get(k), 3) for k in ("forward", "backward", "optimizer")
-                    )
-                    if row.phase_s
-                    else "–",
-                    _fmt(row.tokens_per_sample, 0),
-                    _fmt(row.tflop_per_sample, 1),
-                    "–" if row.trainable_params is None else f"{row.trainable_params / 1e6:.3g} M",
-                    ORIGINAL_PER_GPU.get(row.mode, ""),
-                    status.replace("|", "/"),
-                ]
-            )
-            + " |"
+        phases = " / ".join(
+            _fmt(row.phase_s.get(k), 3) for k in ("forward", "backward", "optimizer")
         )
+        cells = [
+            row.mode,
+            " + ".join(row.options) or "–",
+            "–" if row.micro_batch is None else str(row.micro_batch),
+            row.attn,
+            row.weights or "–",
+            _fmt(row.img_per_s, 3),
+            _fmt(row.tokens_per_s, 0),
+            _fmt(row.tflops_per_s, 1),
+            "–" if row.mfu is None else f"{100 * row.mfu:.1f} %",
+            _fmt(row.peak_mem_gib, 1),
+            _fmt(row.step_s_mean, 3),
+            phases if row.phase_s else "–",
+            _fmt(row.warmup_s, 1),
+            _fmt(row.tokens_per_sample, 0),
+            _fmt(row.tflop_per_sample, 1),
+            "–" if row.trainable_params is None else f"{row.trainable_params / 1e6:.3g} M",
+            ORIGINAL_PER_GPU.get(row.mode, ""),
+            status.replace("|", "/"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def setup_notes(rows: list[RunResult]) -> list[str]:
+    """How each measured row was built: its optimizer and the kernels the trainer's code applied."""
+    notes = []
+    for row in rows:
+        if row.status != "ok":
+            continue
+        name = " + ".join([row.mode, *row.options]) + f" @ mb {row.micro_batch} / {row.attn}"
+        kernels = "; ".join(row.kernels) if row.kernels else "none"
+        notes.append(f"- {name}: optimizer {row.optimizer}, kernels: {kernels}")
+    return notes
+
+
+def memory_notes(rows: list[RunResult]) -> list[str]:
+    """LoRA / QLoRA at micro-batch 1 against the original's per-GPU memory (16 GB / 10 GB)."""
+    notes = []
+    for row in rows:
+        target = MEMORY_TARGET_GB.get(row.mode)
+        if target is None or row.peak_mem_gib is None or row.micro_batch != 1:
+            continue
+        gigabytes = row.peak_mem_gib * GIB / 1e9
+        verdict = "met" if gigabytes <= target else "NOT met"
+        notes.append(
+            f"- {row.mode} / {row.attn}, mb 1: peak {gigabytes:.1f} GB "
+            f"({row.peak_mem_gib:.1f} GiB), target <= {target} GB: {verdict}"
+        )
+    return notes
 
 
 def environment(device: str, peak: float | None) -> dict[str, Any]:
@@ -718,11 +876,19 @@ def environment(device: str, peak: float | None) -> dict[str, Any]:
         "peft": peft.__version__,
         "bitsandbytes": _version("bitsandbytes"),
         "flash_attn": _version("flash_attn"),
+        "liger_kernel": _version("liger_kernel", "liger-kernel"),
+        "triton": _version("triton"),
         "command": " ".join(["python", *sys.argv]),
     }
 
 
-def _version(package: str) -> str | None:
+def _version(package: str, distribution: str | None = None) -> str | None:
+    """The installed version (without importing when the distribution name is known)."""
+    if distribution is not None:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return None
     try:
         return importlib.import_module(package).__version__
     except Exception:
@@ -737,8 +903,108 @@ def _split(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
     return chosen
 
 
+# ---------------------------------------------------------------------------------------------
+# The plan: rows as mode + trainer options @ micro-batch
+# ---------------------------------------------------------------------------------------------
+
+OPTION_ALIASES = {"bf16w": "bf16-weights", "bf16_weights": "bf16-weights", "liger_kernel": "liger"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One planned row: a mode with trainer options at a micro-batch (None: --micro-batch).
+
+    `best` stands for the fastest full fine-tuning row measured before it (same attention),
+    rerun with that row's options at this variant's micro-batch."""
+
+    mode: str
+    options: tuple[str, ...] = ()
+    micro_batch: int | None = None
+    best: bool = False
+
+
+def parse_variants(text: str) -> list[Variant]:
+    """'full,full+bf16-weights+liger,best@4,lora@1' -> variants: MODE[+OPTION...][@MICRO_BATCH],
+    OPTION among OPTIONS (aliases bf16w, liger_kernel), MODE among MODES or 'best'."""
+    variants = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        body, _, batch = item.partition("@")
+        mode, *options = body.split("+")
+        options = [OPTION_ALIASES.get(option, option) for option in options]
+        bad = [o for o in options if o not in OPTIONS]
+        if mode not in (*MODES, "best") or bad or (batch and not batch.isdigit()) or batch == "0":
+            raise click.BadParameter(
+                f"{item!r}: expected MODE[+OPTION...][@MICRO_BATCH] with MODE among "
+                f"{', '.join(MODES)} or best, OPTION among {', '.join(OPTIONS)}"
+            )
+        ordered = tuple(o for o in OPTIONS if o in options)
+        variants.append(Variant(mode, ordered, int(batch) if batch else None, mode == "best"))
+    if not variants:
+        raise click.BadParameter(f"no variant in {text!r}")
+    return variants
+
+
+def resolve_variant(variant: Variant, attn: str, rows: list[RunResult]) -> Variant | str:
+    """The variant itself, or for `best` the fastest measured full row's options (same attention);
+    a string says why there is none."""
+    if not variant.best:
+        return variant
+    measured = [r for r in rows if r.status == "ok" and r.mode == "full" and r.attn == attn]
+    if not measured:
+        return "no full fine-tuning row was measured to pick the best of"
+    fastest = max(measured, key=lambda r: r.tokens_per_s or 0.0)
+    return Variant("full", tuple(fastest.options), variant.micro_batch)
+
+
+def spec_for(base: RunSpec, variant: Variant, attn: str) -> RunSpec:
+    """`base` (the command line's settings) for this variant and attention."""
+    options = set(variant.options) | set(base.options)
+    return replace(
+        base,
+        mode=variant.mode,
+        attn=attn,
+        micro_batch=variant.micro_batch or base.micro_batch,
+        bf16_weights="bf16-weights" in options,
+        liger="liger" in options,
+        compile="compile" in options,
+    )
+
+
+class BatchStore:
+    """The synthetic batches at each micro-batch, made once (and saved for isolated runs)."""
+
+    def __init__(self, processor: Any, work: Path, crop_size: int, isolate: bool) -> None:
+        self.processor, self.work, self.crop_size, self.isolate = (
+            processor,
+            work,
+            crop_size,
+            isolate,
+        )
+        self.made: dict[int, tuple[list[Batch], Path]] = {}
+
+    def get(self, micro_batch: int) -> tuple[list[Batch], Path]:
+        if micro_batch not in self.made:
+            batches = synthetic_batches(
+                self.processor, self.work / "images", micro_batch, self.crop_size
+            )
+            path = self.work / f"batches_mb{micro_batch}.safetensors"
+            if self.isolate:
+                save_batches(batches, path)
+            self.made[micro_batch] = (batches, path)
+        return self.made[micro_batch]
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--modes", default=",".join(MODES), show_default=True, help="Comma-separated.")
+@click.option(
+    "--variants",
+    default=None,
+    help="Rows in this order instead of --modes: MODE[+OPTION...][@MICRO_BATCH], comma-separated "
+    "(OPTION: bf16-weights, liger, compile); 'best@4' reruns the fastest full row so far at "
+    "micro-batch 4. Example: full,full+bf16-weights,full+bf16-weights+liger,best@4,lora,qlora",
+)
 @click.option("--attn", default=",".join(ATTENTIONS), show_default=True, help="Comma-separated.")
 @click.option("--steps", type=click.IntRange(1), default=None, help="Timed steps [12; tiny 1].")
 @click.option("--warmup", type=click.IntRange(0), default=None, help="Untimed steps [3; tiny 1].")
@@ -752,10 +1018,26 @@ def _split(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
 @click.option("--tiny", is_flag=True, help="Tiny preset on CPU in fp32: exercises the code in CI.")
 @click.option("--device", default=None, help="[cuda when available, else cpu]")
 @click.option("--isolate/--no-isolate", default=None, help="One subprocess per run [on for GPU].")
-@click.option("--timeout", type=float, default=300, show_default=True, help="Per isolated run, s.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=300,
+    show_default=True,
+    help="Per isolated run, s (twice that for --compile rows).",
+)
 @click.option(
     "--budget", type=float, default=None, help="Start no new run after this many seconds."
 )
+@click.option(
+    "--time-limit",
+    type=float,
+    default=None,
+    help="Hard end, s from the start: a run's timeout is cut to the time left, and no run starts "
+    f"with less than {MIN_RUN_S:.0f} s left.",
+)
+@click.option("--bf16-weights", is_flag=True, help="Every row: TrainConfig.bf16_weights.")
+@click.option("--liger", is_flag=True, help="Every row: TrainConfig.liger_kernel (CUDA only).")
+@click.option("--compile", "compile_", is_flag=True, help="Every row: TrainConfig.compile.")
 @click.option(
     "--clip-on-padding",
     is_flag=True,
@@ -780,89 +1062,146 @@ def _split(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
     "--profile-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Profile one extra step per run; top operators to DIR/<mode>_<attn>.txt.",
+    help="Profile one extra step per run; top operators to DIR/<mode>[_<option>...]_<attn>.txt.",
 )
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--worker", "worker_payload", hidden=True, default=None)
-def main(
-    modes: str,
-    attn: str,
-    steps: int | None,
-    warmup: int | None,
-    micro_batch: int,
-    num_crops: int | None,
-    lora_rank: int | None,
-    peak_tflops: float | None,
-    config_file: str | None,
-    tiny: bool,
-    device: str | None,
-    isolate: bool | None,
-    timeout: float,
-    budget: float | None,
-    clip_on_padding: bool,
-    precision: str,
-    checkpoint_every: int,
-    profile_dir: Path | None,
-    out: Path | None,
-    worker_payload: str | None,
-) -> None:
+def main(worker_payload: str | None, **options: Any) -> None:
     """Training throughput per mode x attention; prints a markdown table (see module docstring)."""
     if worker_payload is not None:
         worker(worker_payload)
         return
-    chosen_modes = _split(modes, MODES, "--modes")
-    chosen_attn = _split(attn, ATTENTIONS, "--attn")
-    device = device or ("cpu" if tiny or not torch.cuda.is_available() else "cuda")
-    on_gpu = device.startswith("cuda")
-    isolate = on_gpu if isolate is None else isolate
-    steps = steps or (1 if tiny else 12)
-    warmup = warmup if warmup is not None else (1 if tiny else 3)
-    num_crops = num_crops or (2 if tiny else 16)
-    lora_rank = lora_rank or (8 if tiny else 64)
-
+    settings = Settings.from_options(options)
     with tempfile.TemporaryDirectory(prefix="phi3v-bench-") as tmp:
-        work = Path(tmp)
-        tiny_dir = make_tiny(work / "tiny")
-        config = resolve_config(config_file, tiny_dir, tiny)
-        config.save_pretrained(work / "config")
-        processor = load_processor(tiny_dir, num_crops)
-        batches = synthetic_batches(
-            processor, work / "images", micro_batch, config.vision_config.image_size
-        )
-        batches_file = work / "batches.safetensors"
-        logs_dir = None
-        if isolate:
-            save_batches(batches, batches_file)
-            logs_dir = out.with_name(out.stem + "_logs") if out else work / "logs"
-            logs_dir.mkdir(parents=True, exist_ok=True)
+        rows = run_plan(settings, Path(tmp))
+    report(rows, settings.base.device, settings.base.peak_tflops, settings.out, echo=True)
 
-        started = time.monotonic()
-        rows: list[RunResult] = []
-        # Attention-major: with a --budget, the implementations listed last are the ones cut.
-        for attention in chosen_attn:
-            for mode in chosen_modes:
-                spec = RunSpec(
-                    mode=mode,
-                    attn=attention,
-                    device=device,
-                    precision=precision,
-                    checkpoint_every=checkpoint_every,
-                    profile_dir=str(profile_dir) if profile_dir else None,
-                    steps=steps,
-                    warmup=warmup,
-                    micro_batch=micro_batch,
-                    num_crops=num_crops,
-                    lora_rank=lora_rank,
-                    config_dir=str(work / "config"),
-                    peak_tflops=peak_tflops,
-                    clip_on_padding=clip_on_padding,
-                )
-                rows.append(
-                    run_one(spec, batches, batches_file, logs_dir, timeout, budget, started)
-                )
-                rows.sort(key=lambda r: (MODES.index(r.mode), chosen_attn.index(r.attn)))
-                report(rows, device, peak_tflops, out, echo=False)
-    report(rows, device, peak_tflops, out, echo=True)
+
+@dataclass
+class Settings:
+    """The command line, resolved: the base run, the planned rows and the run limits."""
+
+    base: RunSpec
+    variants: list[Variant]
+    attns: list[str]
+    config_file: str | None
+    tiny: bool
+    isolate: bool
+    timeout: float
+    budget: float | None
+    time_limit: float | None
+    out: Path | None
+
+    @classmethod
+    def from_options(cls, o: dict[str, Any]) -> Settings:
+        tiny = o["tiny"]
+        device = o["device"] or ("cpu" if tiny or not torch.cuda.is_available() else "cuda")
+        base = RunSpec(
+            mode="full",
+            attn="sdpa",
+            device=device,
+            precision=o["precision"],
+            checkpoint_every=o["checkpoint_every"],
+            profile_dir=str(o["profile_dir"]) if o["profile_dir"] else None,
+            steps=o["steps"] or (1 if tiny else 12),
+            warmup=o["warmup"] if o["warmup"] is not None else (1 if tiny else 3),
+            micro_batch=o["micro_batch"],
+            num_crops=o["num_crops"] or (2 if tiny else 16),
+            lora_rank=o["lora_rank"] or (8 if tiny else 64),
+            config_dir="",
+            peak_tflops=o["peak_tflops"],
+            clip_on_padding=o["clip_on_padding"],
+            bf16_weights=o["bf16_weights"],
+            liger=o["liger"],
+            compile=o["compile_"],
+        )
+        if o["variants"]:
+            variants = parse_variants(o["variants"])
+        else:
+            variants = [Variant(mode) for mode in _split(o["modes"], MODES, "--modes")]
+        isolate = device.startswith("cuda") if o["isolate"] is None else o["isolate"]
+        return cls(
+            base=base,
+            variants=variants,
+            attns=_split(o["attn"], ATTENTIONS, "--attn"),
+            config_file=o["config_file"],
+            tiny=tiny,
+            isolate=isolate,
+            timeout=o["timeout"],
+            budget=o["budget"],
+            time_limit=o["time_limit"],
+            out=o["out"],
+        )
+
+
+def run_plan(settings: Settings, work: Path) -> list[RunResult]:
+    """Every planned row (attention-major, variants in order), the report rewritten after each."""
+    started = time.monotonic()
+    tiny_dir = make_tiny(work / "tiny")
+    config = resolve_config(settings.config_file, tiny_dir, settings.tiny)
+    config.save_pretrained(work / "config")
+    base = replace(settings.base, config_dir=str(work / "config"))
+    processor = load_processor(tiny_dir, base.num_crops)
+    store = BatchStore(processor, work, config.vision_config.image_size, settings.isolate)
+    logs_dir = None
+    if settings.isolate:
+        out = settings.out
+        logs_dir = out.with_name(out.stem + "_logs") if out else work / "logs"
+        logs_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[RunResult] = []
+    # Attention-major: with a --budget, the implementations listed last are the ones cut.
+    for attention in settings.attns:
+        for variant in settings.variants:
+            chosen = resolve_variant(variant, attention, rows)
+            if isinstance(chosen, str):
+                spec = spec_for(base, Variant("full", (), variant.micro_batch), attention)
+                rows.append(error_row(spec, "skipped", f"best: {chosen}"))
+                continue
+            spec = spec_for(base, chosen, attention)
+            batches, batches_file = store.get(spec.micro_batch)
+            limits = RunLimits(settings.timeout, settings.budget, settings.time_limit, started)
+            rows.append(run_one(spec, batches, batches_file, logs_dir, limits))
+            report(rows, base.device, base.peak_tflops, settings.out, echo=False)
+    return rows
+
+
+@dataclass
+class RunLimits:
+    """Per-run timeout (doubled under --compile), --budget and --time-limit, from `started`."""
+
+    timeout: float
+    budget: float | None = None
+    time_limit: float | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def refusal(self) -> str | None:
+        """Why no run may start now, or None."""
+        elapsed = time.monotonic() - self.started
+        if self.budget is not None and elapsed > self.budget:
+            return f"time budget of {self.budget:.0f} s spent"
+        if self.time_limit is not None and self.time_limit - elapsed < MIN_RUN_S:
+            return f"less than {MIN_RUN_S:.0f} s left of the {self.time_limit:.0f} s limit"
+        return None
+
+    def run_timeout(self, spec: RunSpec) -> float:
+        timeout = self.timeout * (2 if spec.compile else 1)
+        if self.time_limit is not None:
+            timeout = min(timeout, self.time_limit - (time.monotonic() - self.started))
+        return timeout
+
+
+def precheck(spec: RunSpec) -> str | None:
+    """Why this row cannot run on this machine (a 'skipped' row), or None."""
+    on_gpu = spec.device.startswith("cuda")
+    if spec.attn == "flash_attention_2" and not flash_attn_available():
+        return "flash_attn is not installed"
+    if not on_gpu and any(getattr(spec, option) for option in NEEDS_CUDA):
+        return "needs CUDA (Liger's kernels are Triton)"
+    if spec.liger and importlib.util.find_spec("liger_kernel") is None:
+        return "liger_kernel is not installed"
+    if spec.mode == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed"
+    return None
 
 
 def run_one(
@@ -870,20 +1209,19 @@ def run_one(
     batches: list[Batch],
     batches_file: Path,
     logs_dir: Path | None,
-    timeout: float,
-    budget: float | None,
-    started: float,
+    limits: RunLimits,
 ) -> RunResult:
-    """One row: skipped when flash-attn is absent or the time budget is spent, else measured."""
-    name = f"{spec.mode} / {spec.attn}"
-    if spec.attn == "flash_attention_2" and not flash_attn_available():
-        return error_row(spec.mode, spec.attn, "skipped", "flash_attn is not installed")
-    if budget is not None and time.monotonic() - started > budget:
-        return error_row(spec.mode, spec.attn, "skipped", f"time budget of {budget:.0f} s spent")
+    """One row: skipped when it cannot run here or the time is spent, else measured."""
+    name = " + ".join([spec.mode, *spec.options]) + f" @ mb {spec.micro_batch} / {spec.attn}"
+    why = precheck(spec) or limits.refusal()
+    if why is not None:
+        click.echo(f"[bench] {name}: skipped: {why}", err=True)
+        return error_row(spec, "skipped", why)
     click.echo(f"[bench] {name} ...", err=True)
     if logs_dir is not None:
-        log = logs_dir / f"{spec.mode}_{spec.attn}.log"
-        row = run_isolated(spec, batches_file, log, timeout)
+        row = run_isolated(
+            spec, batches_file, logs_dir / f"{spec.stem}.log", limits.run_timeout(spec)
+        )
     else:
         row = run_in_process(spec, batches)
     click.echo(f"[bench] {name}: {row.status} {row.error or ''}", err=True)
@@ -895,6 +1233,12 @@ def report(
 ) -> None:
     """The table on stdout (echo) and, with --out, FILE.md and FILE.json (rewritten per row)."""
     table = format_table(rows)
+    notes = memory_notes(rows)
+    if notes:
+        table += "\n\nMemory targets (the original's LoRA / QLoRA per GPU):\n" + "\n".join(notes)
+    setups = setup_notes(rows)
+    if setups:
+        table += "\n\nSet-up of each measured row:\n" + "\n".join(setups)
     if echo:
         click.echo(table)
     if out is None:
@@ -905,7 +1249,8 @@ def report(
         f"Device: {env['device']} (dense bf16 peak {env['peak_bf16_tflops']} TFLOP/s); "
         f"torch {env['torch']}, CUDA {env['cuda']}, transformers {env['transformers']}, "
         f"peft {env['peft']}, bitsandbytes {env['bitsandbytes']}, "
-        f"flash_attn {env['flash_attn']}; {env['date']}\n\nCommand: `{env['command']}`\n\n"
+        f"flash_attn {env['flash_attn']}, liger_kernel {env['liger_kernel']}; {env['date']}\n\n"
+        f"Command: `{env['command']}`\n\n"
     )
     _write_atomic(out, header + table + "\n")
     payload = {"environment": env, "rows": [asdict(row) for row in rows]}
