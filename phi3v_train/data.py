@@ -23,6 +23,7 @@ lists the skipped ids before training starts. An image run is never cut in half.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,6 +294,7 @@ class TrainDataset(_RecordsDataset):
     ) -> None:
         super().__init__(records, processor, images_root, source=source, lines=lines)
         self.max_seq_len = max_seq_len
+        self._token_lengths: list[int] | None = None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.encode(index, encode_for_training)
@@ -302,6 +304,22 @@ class TrainDataset(_RecordsDataset):
                 raise ValueError(f"record {self.records[index].id}: longer than max_seq_len")
             example = fitted
         return example
+
+    def token_lengths(self) -> list[int]:
+        """Each example's length in tokens, from the image headers and the tokenizer (no image is
+        decoded; `phi3v_data.token_stats.TokenCounter`, exact), capped at ``max_seq_len``."""
+        if self._token_lengths is None:
+            from phi3v_data.token_stats import TokenCounter
+
+            num_crops = self.processor.image_processor.num_crops
+            counter = TokenCounter(self.images_root, num_crops, self.processor.tokenizer)
+
+            def count(record: Record, *_: Any) -> int:
+                return counter.count(record).total
+
+            limit = self.max_seq_len or sys.maxsize
+            self._token_lengths = [min(self.encode(i, count), limit) for i in range(len(self))]
+        return self._token_lengths
 
     def drop_overlong(self) -> list[str]:
         """Remove the records ``--max_seq_len`` cannot keep; return their ids (in order)."""
@@ -315,6 +333,7 @@ class TrainDataset(_RecordsDataset):
                 kept.append(record)
                 kept_lines.append(self.lines[index])
         self.records, self.lines = kept, kept_lines
+        self._token_lengths = None
         return [record.id for record in dropped]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,13 +85,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: float, device: torch.device) -> float:
-    """Mean of a float over all ranks (identity in a single process)."""
+def all_reduce_sums(values: Sequence[float], device: torch.device | None = None) -> list[float]:
+    """Element-wise sums over all ranks, in float64 (the values themselves in one process)."""
     if not _initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        return [float(value) for value in values]
+    if device is None:  # NCCL reduces CUDA tensors only
+        device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    return float(tensor.item()) / dist.get_world_size()
+    return [float(value) for value in tensor.tolist()]
 
 
 def cleanup_distributed() -> None:

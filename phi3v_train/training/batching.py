@@ -2,11 +2,12 @@
 
 `TokenBudgetBatchSampler` forms micro-batches whose cost stays within N tokens: the padded cost
 (longest sample x samples) without packing, the real token sum with packing. Samples are grouped
-by length so that padded batches waste little: the epoch's order is a seeded shuffle, cut into
-windows of `GROUP_WINDOW` batches' worth of samples, each window sorted by length and cut
-greedily; the batches are then shuffled again. Everything follows from (seed, epoch): the same
-pair gives the same batches on every rank and after a restart, so a resumed run skips its first
-k batches (`skip`) and continues exactly. Every sample is in exactly one batch per epoch; when
+by length so that padded batches waste little: a seeded shuffle, cut into windows of
+`GROUP_WINDOW` batches' worth of samples, each window sorted by length and cut greedily. The
+batches are formed once per seed (so every epoch has the same number of batches and the schedule
+is known before training) and each epoch visits them in its own seeded order. Everything follows
+from (seed, epoch): the same pair gives the same batches on every rank and after a restart, so a
+resumed run skips its first k batches (`skip`) and continues exactly. Every sample is in exactly one batch per epoch; when
 the number of batches does not divide by the world size, the largest batches are halved until it
 does, so every rank runs the same number of batches (their order is the same on every rank, and
 rank r takes batches r, r + W, r + 2W, ...). A sample longer than N forms a batch of its own.
@@ -73,7 +74,7 @@ def token_budget_batches(
     """All batches of one epoch, in the order shared by every rank (see the module docstring)."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens_per_batch must be positive, got {max_tokens}")
-    order = _permutation(len(lengths), seed, epoch, salt=0)
+    order = _permutation(len(lengths), seed, 0, salt=0)  # the same batches in every epoch
     typical = max(1, max_tokens // max(1, max(lengths, default=1)))
     window = GROUP_WINDOW * typical
     batches: list[list[int]] = []

@@ -1,25 +1,35 @@
 """The training loop: data order, one micro-batch, one optimizer step. No engine branches.
 
-:func:`train_loop` walks epochs and micro-batches; :func:`micro_step` is the whole batch -> loss ->
-backward path (extend it there, e.g. for packing); :func:`optimizer_step` averages the window's
-loss over ranks, stops on a non-finite one, and lets the engine step. ``on_step`` (logging,
-checkpoints, fault injection) is called after every optimizer step.
+:func:`train_loop` walks epochs and optimizer steps; :func:`step_windows` groups the loader's
+micro-batches by optimizer step; :func:`micro_step` is the whole batch -> loss -> backward path;
+:func:`optimizer_step` reduces the step's loss and token counts over ranks, stops on a non-finite
+loss, and lets the engine step. ``on_step`` (logging, checkpoints, fault injection) is called
+after every optimizer step with a :class:`StepResult`.
+
+Loss: the mean over every supervised token of the optimizer step, across its micro-batches and
+ranks, whatever the micro-batches hold (padded, packed, token-budget batches): each micro-batch
+backpropagates its summed token loss over the step's supervised-token count
+(`phi3v_train.training.packing.step_scaled_loss`), counted before the first backward.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from phi3v_train.distributed import all_reduce_mean
+from phi3v_train.distributed import all_reduce_sums
+from phi3v_train.training.batching import TokenBudgetBatchSampler, TokenReport, step_token_report
 from phi3v_train.training.checkpointing import TrainerState
 from phi3v_train.training.engines import Engine
+from phi3v_train.training.packing import sample_lengths, step_scaled_loss, supervised_tokens
 from phi3v_train.training.run_plan import RunPlan, TrainingError
 
 
@@ -53,21 +63,45 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+def epoch_batch_sampler(
+    dataset: Any, plan: RunPlan, epoch: int, rank: int, skip: int = 0
+) -> TokenBudgetBatchSampler:
+    """`--max_tokens_per_batch`: this rank's token-budget micro-batches of ``epoch``."""
+    config = plan.config
+    return TokenBudgetBatchSampler(
+        dataset.token_lengths(),
+        config.max_tokens_per_batch,
+        seed=config.seed,
+        epoch=epoch,
+        packing=config.packing,
+        rank=rank,
+        world_size=plan.world_size,
+        skip=skip,
+    )
+
+
 def make_loader(dataset: Any, collator: Any, plan: RunPlan, state: TrainerState, rank: int):
     """The DataLoader of ``state.epoch`` from the micro-batch where ``state`` stands."""
     config = plan.config
-    sampler = EpochSampler(
-        len(dataset),
-        seed=config.seed,
-        epoch=state.epoch,
-        rank=rank,
-        world_size=plan.world_size,
-        skip=state.batches_done * config.batch_size_per_gpu,
-    )
+    if config.max_tokens_per_batch:
+        batching: dict[str, Any] = {
+            "batch_sampler": epoch_batch_sampler(
+                dataset, plan, state.epoch, rank, skip=state.batches_done
+            )
+        }
+    else:
+        sampler = EpochSampler(
+            len(dataset),
+            seed=config.seed,
+            epoch=state.epoch,
+            rank=rank,
+            world_size=plan.world_size,
+            skip=state.batches_done * config.batch_size_per_gpu,
+        )
+        batching = {"batch_size": config.batch_size_per_gpu, "sampler": sampler}
     return DataLoader(
         dataset,
-        batch_size=config.batch_size_per_gpu,
-        sampler=sampler,
+        **batching,
         collate_fn=collator,
         num_workers=config.num_workers,
         prefetch_factor=2 if config.num_workers else None,
@@ -77,19 +111,45 @@ def make_loader(dataset: Any, collator: Any, plan: RunPlan, state: TrainerState,
     )
 
 
-def micro_step(engine: Engine, batch: dict[str, Any], window: int, boundary: bool) -> float:
-    """Forward and backward of one micro-batch (loss / window); return its unscaled loss."""
+def step_windows(loader: Any, plan: RunPlan, done: int) -> Iterator[list[dict[str, Any]]]:
+    """The micro-batches of each optimizer step, from micro-batch ``done`` of the epoch on (a
+    step boundary); the epoch's last window may be shorter than the accumulation."""
+    batches = iter(loader)
+    while done < plan.batches_per_epoch:
+        size = min(plan.accumulation, plan.batches_per_epoch - done)
+        window = list(itertools.islice(batches, size))
+        if len(window) < size:
+            raise RuntimeError(f"the loader ended after {done + len(window)} micro-batches")
+        yield window
+        done += size
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step, over all ranks: the token-mean loss and the tokens it trained on."""
+
+    loss: float
+    tokens: TokenReport
+
+
+def micro_step(engine: Engine, batch: dict[str, Any], step_tokens: int, boundary: bool) -> float:
+    """Forward and backward of one micro-batch; its summed token loss (this rank's)."""
     batch = engine.prepare(batch)
     with engine.accumulate(boundary):
         with engine.autocast():
-            loss = engine.model(**batch).loss
-        engine.backward(loss / window)
-    return float(loss.detach())
+            # num_items_in_batch=1: the model returns the SUM of its token losses
+            loss_sum = engine.model(**batch, num_items_in_batch=1).loss
+        engine.backward(step_scaled_loss(loss_sum, step_tokens, engine.dist.world_size))
+    return float(loss_sum.detach())
 
 
-def optimizer_step(engine: Engine, state: TrainerState, window_losses: list[float]) -> float:
-    """The window's mean loss over ranks; the engine's step unless it is not finite."""
-    step_loss = all_reduce_mean(sum(window_losses) / len(window_losses), engine.dist.device)
+def optimizer_step(
+    engine: Engine, state: TrainerState, loss_sum: float, tokens: int, report: TokenReport
+) -> StepResult:
+    """The step's token-mean loss over ranks; the engine's step unless it is not finite."""
+    sums = [loss_sum, tokens, report.real_tokens, report.slot_tokens]
+    loss_sum, tokens, real, slots = all_reduce_sums(sums, engine.dist.device)
+    step_loss = loss_sum / tokens if tokens else math.nan
     if not math.isfinite(step_loss):  # same value on every rank: all stop together
         raise TrainingError(
             f"step {state.global_step + 1}: the training loss is {step_loss}; stopped before the "
@@ -99,7 +159,20 @@ def optimizer_step(engine: Engine, state: TrainerState, window_losses: list[floa
     engine.step()
     state.global_step += 1
     state.losses.append([state.global_step, step_loss])
-    return step_loss
+    return StepResult(step_loss, TokenReport(real_tokens=round(real), slot_tokens=round(slots)))
+
+
+def train_window(engine: Engine, state: TrainerState, window: list[dict[str, Any]]) -> StepResult:
+    """Every micro-batch of one optimizer step, then the step."""
+    packed = "attention_mask" not in window[0]
+    report = step_token_report([sample_lengths(batch) for batch in window], packing=packed)
+    local_tokens = sum(supervised_tokens(batch["labels"]) for batch in window)
+    step_tokens = round(all_reduce_sums([local_tokens], engine.dist.device)[0])
+    loss_sum = 0.0
+    for index, batch in enumerate(window):
+        state.batches_done += 1
+        loss_sum += micro_step(engine, batch, step_tokens, boundary=index == len(window) - 1)
+    return optimizer_step(engine, state, loss_sum, local_tokens, report)
 
 
 def train_loop(
@@ -108,27 +181,19 @@ def train_loop(
     dataset: Any,
     collator: Any,
     state: TrainerState,
-    on_step: Callable[[TrainerState, float], None],
+    on_step: Callable[[TrainerState, StepResult], None],
 ) -> None:
     """Train from ``state`` to ``plan.total_steps`` (exactly resumable at any step)."""
     engine.model.train()
     while state.global_step < plan.total_steps and state.epoch < plan.num_epochs:
-        window_losses: list[float] = []
-        for batch in make_loader(dataset, collator, plan, state, engine.dist.rank):
-            window_start = state.batches_done - state.batches_done % plan.accumulation
-            window = min(plan.accumulation, plan.batches_per_epoch - window_start)
-            state.batches_done += 1
-            boundary = state.batches_done == window_start + window
-            window_losses.append(micro_step(engine, batch, window, boundary))
-            if not boundary:
-                continue
-            step_loss = optimizer_step(engine, state, window_losses)
-            window_losses = []
+        loader = make_loader(dataset, collator, plan, state, engine.dist.rank)
+        for window in step_windows(loader, plan, state.batches_done):
+            result = train_window(engine, state, window)
             if state.batches_done >= plan.batches_per_epoch:
                 state.epoch += 1
                 state.batches_done = 0
-            on_step(state, step_loss)
+            on_step(state, result)
             if state.global_step >= plan.total_steps or state.epoch >= plan.num_epochs:
-                break
+                return
             if state.batches_done == 0:
                 break  # the epoch ended with this step: rebuild the loader for the next one

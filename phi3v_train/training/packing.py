@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
 
 from phi3v_train.data import IGNORE_INDEX, _batch_images
+from phi3v_train.distributed import all_reduce_sums
 
 
 def pack_examples(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -96,18 +96,14 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(flat, shifted, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def all_reduce_sum(value: int, device: torch.device | None = None) -> int:
+def sum_over_ranks(value: int) -> int:
     """Sum of an integer over the ranks (the value itself when not distributed)."""
-    if not (torch_dist.is_available() and torch_dist.is_initialized()):
-        return value
-    tensor = torch.tensor([value], dtype=torch.long, device=device)
-    torch_dist.all_reduce(tensor)
-    return int(tensor.item())
+    return round(all_reduce_sums([value])[0])
 
 
 def step_token_count(
     micro_batches: Iterable[dict[str, Any]],
-    reduce: Callable[[int], int] = all_reduce_sum,
+    reduce: Callable[[int], int] = sum_over_ranks,
 ) -> int:
     """Supervised tokens of one optimizer step: all its micro-batches, summed over the ranks."""
     return reduce(sum(supervised_tokens(batch["labels"]) for batch in micro_batches))
@@ -124,7 +120,7 @@ def step_loss_sum_and_count(
     micro_batches: Sequence[dict[str, Any]],
     *,
     world_size: int = 1,
-    reduce: Callable[[int], int] = all_reduce_sum,
+    reduce: Callable[[int], int] = sum_over_ranks,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
 ) -> tuple[float, int]:
     """Forward + backward of every micro-batch of one optimizer step with the step-level mean.

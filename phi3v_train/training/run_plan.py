@@ -123,10 +123,13 @@ class RunPlan:
     num_epochs: int = 0
     warmup: int = 0
 
-    def with_schedule(self, records: int) -> RunPlan:
-        """The plan once the training records are counted (after over-long ones are dropped)."""
-        per_rank = math.ceil(records / self.world_size)
-        batches = math.ceil(per_rank / self.config.batch_size_per_gpu)
+    def with_schedule(self, records: int, batches: int | None = None) -> RunPlan:
+        """The plan once the training records are counted (after over-long ones are dropped);
+        ``batches``: micro-batches per rank and epoch when not ``batch_size_per_gpu`` samples
+        each (``--max_tokens_per_batch``)."""
+        if batches is None:
+            per_rank = math.ceil(records / self.world_size)
+            batches = math.ceil(per_rank / self.config.batch_size_per_gpu)
         steps_per_epoch = math.ceil(batches / self.accumulation)
         total = self.config.max_steps or steps_per_epoch * self.config.num_train_epochs
         warmup = effective_warmup(self.config.warmup_steps, total)

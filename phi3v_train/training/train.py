@@ -42,7 +42,8 @@ from phi3v_train.loading import LoadingError, load_model, load_processor, model_
 from phi3v_train.training import checkpointing as ckpt
 from phi3v_train.training.config import TrainConfig, build_config, config_options
 from phi3v_train.training.engines import Engine, build_engine
-from phi3v_train.training.loop import EpochSampler, train_loop
+from phi3v_train.training.kernels import apply_kernels, check_kernels
+from phi3v_train.training.loop import EpochSampler, StepResult, epoch_batch_sampler, train_loop
 from phi3v_train.training.output_dir import (
     OWNED_NAMES,
     check_output_dir,
@@ -146,6 +147,7 @@ def open_run(config: TrainConfig) -> Run:
     cuda = dist.device.type == "cuda"
     plan = resolve_plan(config, handle.info, handle.splits, dist.world_size, cuda=cuda)
     require_trackers(config.report_to)  # a missing extra is one line, before any model loads
+    check_kernels(config, dist.device)
     resume_from = _resume_path(config)
     source = model_source(config)
     to_remove = check_output_dir(plan, resume_from, source)
@@ -185,7 +187,11 @@ def load_data(run: Run) -> tuple[Any, Any, Any]:
         )
     if len(dataset) == 0:
         raise TrainingError(f"{config.data_dir}: no training record left to train on")
-    run.plan = run.plan.with_schedule(len(dataset))
+    batches = None
+    if config.max_tokens_per_batch:
+        sampler = epoch_batch_sampler(dataset, run.plan, epoch=0, rank=run.dist.rank)
+        batches = len(sampler)
+    run.plan = run.plan.with_schedule(len(dataset), batches)
     if run.dist.is_main:
         write_run_plan(run.plan)
     run.reporter.log_config(run.plan.replay_values())
@@ -219,6 +225,8 @@ def apply_strategy(run: Run, model: torch.nn.Module) -> torch.nn.Module:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
     model.config.use_cache = False
     run.log(f"strategy: {_strategy_name(config)}; {trainable_summary(model)}")
+    for line in apply_kernels(model, config):
+        run.log(line)
     return model
 
 
@@ -241,21 +249,29 @@ def run_loop(run: Run, engine: Engine, dataset: Any, collator: Any, state) -> No
     plan, config = run.plan, run.config
     run.log(
         f"training: {len(dataset)} records, {plan.world_size} process(es), engine "
-        f"{plan.engine}, precision {plan.precision}, micro-batch {config.batch_size_per_gpu}, "
+        f"{plan.engine}, precision {plan.precision}, micro-batch {_micro_batch(config)}, "
         f"accumulation {plan.accumulation}, global batch {config.batch_size}, "
         f"{plan.total_steps} optimizer steps"
     )
     progress = _progress(config, run.dist.is_main, plan.total_steps, state.global_step)
     kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
 
-    def on_step(state: ckpt.TrainerState, loss: float) -> None:
-        step, lr = state.global_step, engine.lr()
-        run.reporter.log_metrics({"train/loss": loss, "train/learning_rate": lr}, step)
+    def on_step(state: ckpt.TrainerState, result: StepResult) -> None:
+        step, lr, loss, tokens = state.global_step, engine.lr(), result.loss, result.tokens
+        metrics = {
+            "train/loss": loss,
+            "train/learning_rate": lr,
+            "train/tokens": tokens.real_tokens,
+        }
+        metrics["train/padding_share"] = tokens.padding_share
+        run.reporter.log_metrics(metrics, step)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}")
         if step % config.logging_steps == 0 or step == plan.total_steps:
-            run.log(f"step {step}/{plan.total_steps} loss {loss:.4f} lr {lr:.3g}")
+            run.log(
+                f"step {step}/{plan.total_steps} loss {loss:.4f} lr {lr:.3g} {tokens.describe()}"
+            )
         if config.save_steps and step % config.save_steps == 0:
             run.log(f"saved {_save_checkpoint(run, engine, state)}")
         if kill_after and step == kill_after:
@@ -286,6 +302,12 @@ def finish(run: Run, engine: Engine, processor: Any, state: ckpt.TrainerState) -
 # ------------------------------------------------------------------------------------------------
 # helpers of the phases
 # ------------------------------------------------------------------------------------------------
+
+
+def _micro_batch(config: TrainConfig) -> str:
+    if config.max_tokens_per_batch:
+        return f"<= {config.max_tokens_per_batch} tokens" + (" packed" if config.packing else "")
+    return str(config.batch_size_per_gpu) + (" packed" if config.packing else "")
 
 
 def _resume_path(config: TrainConfig) -> Path | None:
