@@ -20,6 +20,7 @@
 #   DRY_RUN=1 bash benchmarks/gpu_checks.sh    # prints every command a GPU run makes, runs none
 #   TINY=1 bash benchmarks/gpu_checks.sh       # rehearsal on a CPU machine: --tiny harnesses
 #   END_S=400 bash benchmarks/gpu_checks.sh    # a shorter global budget
+#   VARIANTS=full,lora,qlora bash benchmarks/gpu_checks.sh   # other throughput rows
 #
 # Budget (seconds from the start; the H200 estimates in brackets): wheels + environment [~20];
 # pytest <= 120; throughput until END_S - 130 (each row ~20-30 s, compile ~2 min; no row starts
@@ -43,8 +44,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 DRY_RUN="${DRY_RUN:-0}"
 TINY="${TINY:-0}"
-VARIANTS="full,full+bf16-weights,full+liger,full+bf16-weights+liger"
-VARIANTS+=",full+bf16-weights+liger+compile,best@4,lora,qlora"
+# The throughput rows in priority order (train_throughput.py --variants; VARIANTS=... overrides).
+DEFAULT_VARIANTS="full,full+bf16-weights,full+liger,full+bf16-weights+liger"
+DEFAULT_VARIANTS+=",full+bf16-weights+liger+compile,best@4,lora,qlora"
+VARIANTS="${VARIANTS:-$DEFAULT_VARIANTS}"
 BENCH_ARGS=(--isolate --attn sdpa --steps 6 --warmup 2 --timeout 75)
 PACKING_ARGS=(--model full --device cuda --attn sdpa --steps 6 --loads short-mix,docvqa)
 NEED_GPU="torch.cuda.is_available()"
