@@ -139,7 +139,7 @@ def make_plan(sizes: ModelSizes, request: Request, mode: Mode, engine: Engine) -
         request.num_crops,
     )  # fmt: skip
     speed = images_per_second(
-        sizes.dims, mode, request.load.speed, micro_batch, n, gpu.dense_tflops
+        sizes.dims, mode, request.load.speed, micro_batch, n, gpu.dense_tflops, engine
     )
     return Plan(
         setup=setup,
@@ -149,7 +149,7 @@ def make_plan(sizes: ModelSizes, request: Request, mode: Mode, engine: Engine) -
         flash=flash,
         global_batch=batch,
         img_per_s=speed,
-        mfu=mfu(mode, micro_batch),
+        mfu=mfu(mode, micro_batch, engine),
         command=torchrun_command(launch),
     )
 
