@@ -15,6 +15,7 @@ from phi3v_train.training.config import TrainConfig
 from phi3v_train.training.run_plan import (
     PlanError,
     resolve_attention,
+    resolve_compile,
     resolve_eval_split,
     resolve_num_crops,
     resolve_plan,
@@ -74,3 +75,14 @@ def test_rerun_from_train_config_yaml_repeats_the_run(tmp_path: Path, tiny_model
         **written,
         "output_dir": str(again),
     }
+
+
+def test_compile_default_follows_the_measurement() -> None:
+    full = TrainConfig(data_dir="d")
+    assert resolve_compile(full, "plain", cuda=True) and resolve_compile(full, "ddp", cuda=True)
+    assert not resolve_compile(full, "plain", cuda=False)  # CPU: compile time outweighs the gain
+    assert not resolve_compile(full, "deepspeed", cuda=True)  # not measured compiled
+    assert not resolve_compile(full, "fsdp", cuda=True)
+    assert not resolve_compile(TrainConfig(data_dir="d", use_lora=True), "ddp", cuda=True)
+    assert not resolve_compile(TrainConfig(data_dir="d", compile=False), "ddp", cuda=True)
+    assert resolve_compile(TrainConfig(data_dir="d", compile=True), "plain", cuda=False)
