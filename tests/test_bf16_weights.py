@@ -9,15 +9,12 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from train_helpers import (
-    base_args,
-    logged_losses,
-    run_cli,
+    assert_resume_is_bit_identical,
     tiny_model,
     train_in_process,
     write_dataset,
@@ -127,7 +124,7 @@ def test_sigkill_and_resume_with_bf16_weights_is_bit_identical(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     data = write_dataset(tmp_path / "data", train=8, multi_turn_every=3)
-    common = dict(
+    options = dict(
         bf16=True,
         bf16_weights=True,
         batch_size=2,
@@ -137,20 +134,5 @@ def test_sigkill_and_resume_with_bf16_weights_is_bit_identical(
         seed=3,
         learning_rate=1e-2,
     )
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = run_cli(base_args(tiny_model_dir, data, straight, **common))
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    crashed = run_cli(
-        base_args(tiny_model_dir, data, killed, **common),
-        env={"PHI3V_TRAIN_KILL_AFTER_STEP": "3"},
-    )
-    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
-    resumed = run_cli([*base_args(tiny_model_dir, data, killed, **common), "--resume"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {killed / 'checkpoint-2'} at step 2" in resumed.stderr
-
-    weights = "model.safetensors"
-    assert (killed / weights).read_bytes() == (straight / weights).read_bytes()
-    assert logged_losses(killed) == logged_losses(straight)
-    assert len(logged_losses(straight)) == 6
+    losses = assert_resume_is_bit_identical(tiny_model_dir, data, tmp_path, options, kill_after=3)
+    assert len(losses) == 6

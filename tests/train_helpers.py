@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,33 @@ def train_in_process(model_dir: Path, data: Path, out: Path, **overrides: object
 def logged_losses(out: Path) -> list[list[float]]:
     """The ``[step, loss]`` pairs a finished run wrote to ``trainer_state.json``."""
     return json.loads((out / "trainer_state.json").read_text())["losses"]
+
+
+def assert_resume_is_bit_identical(
+    model_dir: Path,
+    data: Path,
+    root: Path,
+    options: dict,
+    *,
+    kill_after: int,
+    weights: str = "model.safetensors",
+) -> list[list[float]]:
+    """Train ``options`` straight through, then again SIGKILLed after step ``kill_after`` and
+    resumed: the weights must be byte-identical and the losses equal. Returns the losses."""
+    straight, killed = root / "straight", root / "killed"
+    done = run_cli(base_args(model_dir, data, straight, **options))
+    assert done.returncode == 0, done.stderr[-3000:]
+    crashed = run_cli(
+        base_args(model_dir, data, killed, **options),
+        env={"PHI3V_TRAIN_KILL_AFTER_STEP": str(kill_after)},
+    )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    resumed = run_cli([*base_args(model_dir, data, killed, **options), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    assert (killed / weights).read_bytes() == (straight / weights).read_bytes()
+    assert logged_losses(killed) == logged_losses(straight)
+    return logged_losses(straight)
 
 
 def base_args(model_dir: Path, data_dir: Path, out_dir: Path, **overrides: object) -> list[str]:
