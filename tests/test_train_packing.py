@@ -25,6 +25,11 @@ from train_helpers import (
 )
 
 
+def largest_difference(weights: dict, reference: dict) -> float:
+    """The largest absolute difference between two state dicts with the same keys."""
+    return max(float((weights[k] - reference[k]).abs().max()) for k in reference)
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_model(tmp_path_factory)
@@ -43,8 +48,7 @@ def test_packed_training_equals_padded(tiny_model_dir: Path, tmp_path: Path, att
     (padded, padded_weights), (packed, packed_weights) = runs[False], runs[True]
     assert len(packed) == 4
     assert packed == pytest.approx(padded, abs=1e-5)
-    worst = max(float((packed_weights[k] - padded_weights[k]).abs().max()) for k in padded_weights)
-    assert worst <= 1e-4
+    assert largest_difference(packed_weights, padded_weights) <= 1e-4
 
 
 def test_packed_resume_is_bit_identical(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -81,8 +85,7 @@ def test_packed_rows_longer_than_the_short_rope_window_equal_padded(
     assert row_tokens and min(row_tokens) > 4096, log[-2000:]
     (padded, padded_weights), (packed, packed_weights) = runs[False], runs[True]
     assert packed == pytest.approx(padded, abs=1e-5)
-    worst = max(float((packed_weights[k] - padded_weights[k]).abs().max()) for k in padded_weights)
-    assert worst <= 1e-4
+    assert largest_difference(packed_weights, padded_weights) <= 1e-4
 
 
 def test_step_loss_is_the_token_mean_whatever_the_micro_batches(
@@ -100,8 +103,7 @@ def test_step_loss_is_the_token_mean_whatever_the_micro_batches(
         runs[per_gpu] = (losses, load_file(out / "model.safetensors"))
     (whole, whole_weights), (split, split_weights) = runs[4], runs[1]
     assert split == pytest.approx(whole, abs=1e-5)
-    worst = max(float((split_weights[k] - whole_weights[k]).abs().max()) for k in whole_weights)
-    assert worst <= 1e-4
+    assert largest_difference(split_weights, whole_weights) <= 1e-4
 
 
 @pytest.mark.parametrize("packing", [False, True])

@@ -89,10 +89,10 @@ class Engine:
 
     def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
         from phi3v_train.data import add_dummy_image_row
-        from phi3v_train.training.packing import add_dummy_image_sample
+        from phi3v_train.training.packing import add_dummy_image_sample, is_packed
 
         if batch["pixel_values"] is None and self.dummy_image is not None:
-            if "attention_mask" not in batch:  # a packed row: the dummy is one more sample
+            if is_packed(batch):  # the dummy is one more sample of the row
                 batch = add_dummy_image_sample(batch, self.dummy_image)
             else:
                 batch = add_dummy_image_row(batch, self.dummy_image, self.pad_token_id)

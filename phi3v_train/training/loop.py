@@ -29,7 +29,12 @@ from phi3v_train.distributed import all_reduce_sums
 from phi3v_train.training.batching import TokenBudgetBatchSampler, TokenReport, step_token_report
 from phi3v_train.training.checkpointing import TrainerState
 from phi3v_train.training.engines import Engine
-from phi3v_train.training.packing import sample_lengths, step_scaled_loss, supervised_tokens
+from phi3v_train.training.packing import (
+    is_packed,
+    sample_lengths,
+    step_scaled_loss,
+    step_token_count,
+)
 from phi3v_train.training.run_plan import RunPlan, TrainingError
 
 
@@ -144,12 +149,13 @@ def micro_step(engine: Engine, batch: dict[str, Any], step_tokens: int, boundary
 
 
 def optimizer_step(
-    engine: Engine, state: TrainerState, loss_sum: float, tokens: int, report: TokenReport
+    engine: Engine, state: TrainerState, loss_sum: float, step_tokens: int, report: TokenReport
 ) -> StepResult:
-    """The step's token-mean loss over ranks; the engine's step unless it is not finite."""
-    sums = [loss_sum, tokens, report.real_tokens, report.slot_tokens]
-    loss_sum, tokens, real, slots = all_reduce_sums(sums, engine.dist.device)
-    step_loss = loss_sum / tokens if tokens else math.nan
+    """The step's token-mean loss over ranks (``step_tokens``: already summed over them); the
+    engine's step unless it is not finite."""
+    sums = [loss_sum, report.real_tokens, report.slot_tokens]
+    loss_sum, real, slots = all_reduce_sums(sums, engine.dist.device)
+    step_loss = loss_sum / step_tokens if step_tokens else math.nan
     if not math.isfinite(step_loss):  # same value on every rank: all stop together
         raise TrainingError(
             f"step {state.global_step + 1}: the training loss is {step_loss}; stopped before the "
@@ -164,15 +170,14 @@ def optimizer_step(
 
 def train_window(engine: Engine, state: TrainerState, window: list[dict[str, Any]]) -> StepResult:
     """Every micro-batch of one optimizer step, then the step."""
-    packed = "attention_mask" not in window[0]
-    report = step_token_report([sample_lengths(batch) for batch in window], packing=packed)
-    local_tokens = sum(supervised_tokens(batch["labels"]) for batch in window)
-    step_tokens = round(all_reduce_sums([local_tokens], engine.dist.device)[0])
+    lengths = [sample_lengths(batch) for batch in window]
+    report = step_token_report(lengths, packing=is_packed(window[0]))
+    step_tokens = step_token_count(window)  # summed over the ranks, before any backward
     loss_sum = 0.0
     for index, batch in enumerate(window):
         state.batches_done += 1
         loss_sum += micro_step(engine, batch, step_tokens, boundary=index == len(window) - 1)
-    return optimizer_step(engine, state, loss_sum, local_tokens, report)
+    return optimizer_step(engine, state, loss_sum, step_tokens, report)
 
 
 def train_loop(

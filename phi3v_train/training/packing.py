@@ -57,9 +57,14 @@ class PackingCollator:
         return pack_examples(examples)
 
 
+def is_packed(batch: dict[str, Any]) -> bool:
+    """A packed row is marked by having no ``attention_mask`` (see `PackingCollator`)."""
+    return "attention_mask" not in batch
+
+
 def sample_lengths(batch: dict[str, Any]) -> list[int]:
     """Real lengths of the samples of a packed or padded batch (for logs and benchmarks)."""
-    if "attention_mask" in batch:
+    if not is_packed(batch):
         return [int(n) for n in batch["attention_mask"].sum(-1).tolist()]
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
     ends = [*starts[1:], batch["position_ids"].shape[-1]]
